@@ -1,0 +1,1 @@
+"""Prefect flows, the CLI, and the Polars/pyarrow code they call."""

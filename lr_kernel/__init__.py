@@ -1,0 +1,30 @@
+"""Vectorized binary logistic regression on column-stacked data, in NumPy alone.
+
+Conventions
+-----------
+- ``X`` is ``(n_features, n_examples)``: one example per column, C-contiguous, so
+  each feature is one contiguous row. The kernel only reads ``X``.
+- ``Y`` is ``(1, n_examples)`` of 0.0/1.0 in ``X``'s dtype.
+- ``w`` is ``(n_features, 1)``; ``b`` is a Python float. The intercept is never
+  penalized.
+- The objective, everywhere in the project::
+
+      J(w, b) = -(1/m) Σ_i [y_i log a_i + (1 - y_i) log(1 - a_i)] + (l2 / (2m)) ||w||²
+      a_i = sigmoid(wᵀ x_i + b)
+
+  ``scikit-learn``'s ``LogisticRegression(C=1/l2)`` minimizes ``m`` times it.
+- ``cost_history[i]`` is ``J`` at the parameters before update ``i + 1``; row 0 is
+  the cost of the initial parameters.
+"""
+
+from lr_kernel.loss import loss_and_gradients, predict_proba, sigmoid
+from lr_kernel.train import FitResult, StopReason, fit
+
+__all__ = [
+    "FitResult",
+    "StopReason",
+    "fit",
+    "loss_and_gradients",
+    "predict_proba",
+    "sigmoid",
+]
