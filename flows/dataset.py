@@ -1,0 +1,310 @@
+"""Parquet -> Dataset: find the files, validate schema and values, build the (n, m) matrix."""
+
+import glob
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from flows.errors import DataError
+
+FEATURE_DTYPES = "integer or floating-point"
+
+
+@dataclass(frozen=True)
+class LabelMapping:
+    """How the label column's two values map onto 0 and 1."""
+
+    negative: Any
+    positive: Any
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"negative": self.negative, "positive": self.positive, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What a run will read, known from the file footers alone (no data read yet)."""
+
+    files: tuple[Path, ...]
+    features: tuple[str, ...]
+    label: str
+    schema: dict[str, pl.DataType]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Column-stacked training data and what is needed to undo the standardization.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_features, n_examples), C-contiguous
+        Standardized features when ``standardized`` (``(x - mean) / scale``).
+    Y : ndarray of shape (1, n_examples)
+        0.0/1.0 in ``X``'s dtype.
+    mean, scale : ndarray of shape (n_features,), float64
+        Population mean and standard deviation (1.0 for a constant feature);
+        zeros and ones when not standardized.
+    """
+
+    X: np.ndarray
+    Y: np.ndarray
+    features: tuple[str, ...]
+    label: str
+    label_mapping: LabelMapping
+    mean: np.ndarray
+    scale: np.ndarray
+    standardized: bool
+    files: tuple[Path, ...]
+    fingerprint: str
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.X.shape[1])
+
+
+def resolve_files(data: str | Path) -> tuple[Path, ...]:
+    """The Parquet files that ``data`` names: a file, a directory (recursive) or a glob."""
+    text = str(data)
+    path = Path(text)
+    if path.is_file():
+        return (path,)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise DataError("directory holds no *.parquet files", path=path)
+        return tuple(files)
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError("no file matches this pattern", path=text)
+        return tuple(files)
+    raise DataError("no such file or directory", path=path)
+
+
+def read_schema(path: Path) -> dict[str, pl.DataType]:
+    """A file's Parquet schema, from its footer; corrupt or non-Parquet files raise DataError."""
+    try:
+        return dict(pl.read_parquet_schema(path))
+    except OSError as error:
+        raise DataError(f"cannot read file ({error.strerror or error})", path=path) from None
+    except Exception as error:  # Polars raises ComputeError and others for bad footers
+        raise DataError(f"not a readable Parquet file ({_first_line(error)})", path=path) from None
+
+
+def is_feature_dtype(dtype: pl.DataType) -> bool:
+    return dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal)
+
+
+def plan_inputs(
+    data: str | Path, label: str = "label", features: list[str] | tuple[str, ...] | None = None
+) -> InputPlan:
+    """Check paths, schemas and column choices from the file footers alone.
+
+    Cheap (no data is read), so it runs before anything slow starts.
+    """
+    files = resolve_files(data)
+    schema = read_schema(files[0])
+    for path in files[1:]:
+        other = read_schema(path)
+        for name, dtype in schema.items():
+            if name not in other:
+                raise DataError(f"missing here but present in {files[0]}", path=path, column=name)
+            if other[name] != dtype:
+                raise DataError(
+                    f"type {other[name]} differs from {dtype} in {files[0]}",
+                    path=path,
+                    column=name,
+                )
+        for name in other.keys() - schema.keys():
+            raise DataError(f"present here but missing in {files[0]}", path=path, column=name)
+    where = files[0] if len(files) == 1 else str(data)
+    if label not in schema:
+        raise DataError(f"label column not found (columns: {_names(schema)})", path=where)
+    if features is None:
+        chosen = tuple(n for n, t in schema.items() if n != label and is_feature_dtype(t))
+        if not chosen:
+            raise DataError(
+                f"no {FEATURE_DTYPES} columns besides the label {label!r} to use as features",
+                path=where,
+            )
+    else:
+        chosen = tuple(features)
+        for name in chosen:
+            if name == label:
+                raise DataError("is the label; it cannot also be a feature", path=where, column=name)
+            if name not in schema:
+                raise DataError(f"feature not found (columns: {_names(schema)})", path=where, column=name)
+            if not is_feature_dtype(schema[name]):
+                raise DataError(
+                    f"feature has type {schema[name]}, not {FEATURE_DTYPES}", path=where, column=name
+                )
+    return InputPlan(files=files, features=chosen, label=label, schema=schema)
+
+
+def load_dataset(
+    plan: InputPlan,
+    *,
+    standardize: bool = True,
+    dtype: str = "float64",
+    positive_label: str | None = None,
+) -> Dataset:
+    """Read the planned columns, validate their values and build the column-stacked matrices."""
+    columns = [*plan.features, plan.label]
+    frame = _read(plan, columns)
+    if frame.height == 0:
+        raise DataError("no rows", path=_where(plan))
+    _check_values(plan, frame)
+    mapping = label_mapping(plan, frame.get_column(plan.label), positive_label)
+    mean, scale = _statistics(plan, frame) if standardize else _identity(len(plan.features))
+    target = np.dtype(dtype)
+    X = np.empty((len(plan.features), frame.height), dtype=target)  # (n, m), C order
+    for j, name in enumerate(plan.features):
+        values = frame.get_column(name).cast(pl.Float64).to_numpy()  # zero-copy for f64
+        if standardize:
+            # Standardize in float64 while filling the one row, so float32 loses
+            # nothing to cancellation and no other (n, m) copy is made.
+            X[j] = (values - mean[j]) / scale[j]
+        else:
+            X[j] = values
+        if target != np.float64 and not np.all(np.isfinite(X[j])):
+            raise DataError(f"values exceed the {dtype} range", path=_where(plan), column=name)
+    labels = frame.get_column(plan.label)
+    Y = (labels == mapping.positive).to_numpy().astype(target).reshape(1, -1)  # (1, m)
+    return Dataset(
+        X=X,
+        Y=Y,
+        features=plan.features,
+        label=plan.label,
+        label_mapping=mapping,
+        mean=mean,
+        scale=scale,
+        standardized=standardize,
+        files=plan.files,
+        fingerprint=fingerprint(plan.files),
+    )
+
+
+def label_mapping(plan: InputPlan, labels: pl.Series, positive_label: str | None) -> LabelMapping:
+    """Map a binary label onto 0/1: sorted order, negative first, unless told the positive."""
+    values = labels.unique().sort().to_list()
+    dtype = str(labels.dtype)
+    if labels.dtype == pl.Boolean and positive_label is None:
+        return LabelMapping(negative=False, positive=True, dtype=dtype)
+    if len(values) != 2:
+        shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        problem = "one value" if len(values) == 1 else f"{len(values)} distinct values"
+        raise DataError(
+            f"label has {problem} ({shown}); it must have exactly two",
+            path=_where(plan),
+            column=plan.label,
+        )
+    if positive_label is None:
+        return LabelMapping(negative=values[0], positive=values[1], dtype=dtype)
+    matches = [v for v in values if str(v) == positive_label]
+    if not matches:
+        raise DataError(
+            f"positive label {positive_label!r} is not one of its values "
+            f"({values[0]!r}, {values[1]!r})",
+            path=_where(plan),
+            column=plan.label,
+        )
+    positive = matches[0]
+    negative = values[0] if positive == values[1] else values[1]
+    return LabelMapping(negative=negative, positive=positive, dtype=dtype)
+
+
+def fingerprint(files: tuple[Path, ...]) -> str:
+    """BLAKE2b of the files' names and contents: equal exactly when the input is."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read(plan: InputPlan, columns: list[str]) -> pl.DataFrame:
+    try:
+        return (
+            pl.scan_parquet(list(plan.files), hive_partitioning=False)
+            .select(columns)
+            .collect()
+        )
+    except Exception as error:
+        # A footer can be fine while a data page is damaged: find the file that fails.
+        for path in plan.files:
+            try:
+                pl.scan_parquet(path, hive_partitioning=False).select(columns).collect()
+            except Exception as file_error:
+                raise DataError(f"cannot read data ({_first_line(file_error)})", path=path) from None
+        raise DataError(f"cannot read data ({_first_line(error)})", path=_where(plan)) from None
+
+
+def _check_values(plan: InputPlan, frame: pl.DataFrame) -> None:
+    """Nulls anywhere, NaN or infinity in a feature: name the first culprit file and column."""
+    checks = [pl.col(name).null_count().alias(f"null:{name}") for name in frame.columns]
+    checks += [
+        (pl.col(name).is_nan() | pl.col(name).is_infinite()).sum().alias(f"nonfinite:{name}")
+        for name in plan.features
+        if frame.schema[name].is_float()
+    ]
+    counts = frame.select(checks).row(0, named=True)
+    for key, count in counts.items():
+        if count:
+            kind, name = key.split(":", 1)
+            problem = "null values" if kind == "null" else "NaN or infinite values"
+            culprit = _culprit_file(plan, name, kind)
+            raise DataError(f"{count} {problem}", path=culprit, column=name)
+
+
+def _culprit_file(plan: InputPlan, name: str, kind: str) -> Path | str:
+    if len(plan.files) == 1:
+        return plan.files[0]
+    for path in plan.files:
+        column = pl.read_parquet(path, columns=[name]).get_column(name)
+        bad = column.null_count() if kind == "null" else (column.is_nan() | column.is_infinite()).sum()
+        if bad:
+            return path
+    return _where(plan)
+
+
+def _statistics(plan: InputPlan, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Population mean and standard deviation (ddof=0) of each feature, in float64."""
+    stats = frame.select(
+        [pl.col(n).cast(pl.Float64).mean().alias(f"mean:{n}") for n in plan.features]
+        + [pl.col(n).cast(pl.Float64).std(ddof=0).alias(f"std:{n}") for n in plan.features]
+    ).row(0)
+    n = len(plan.features)
+    mean = np.array(stats[:n], dtype=np.float64)
+    std = np.array(stats[n:], dtype=np.float64)
+    for j, name in enumerate(plan.features):
+        if not (math.isfinite(mean[j]) and math.isfinite(std[j])):
+            raise DataError("values too large to standardize", path=_where(plan), column=name)
+    # A (near-)constant feature is centered and left unscaled, as StandardScaler does.
+    constant = std <= 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))
+    return mean, np.where(constant, 1.0, std)
+
+
+def _identity(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(n), np.ones(n)
+
+
+def _where(plan: InputPlan) -> Path | str:
+    return plan.files[0] if len(plan.files) == 1 else f"{plan.files[0].parent} ({len(plan.files)} files)"
+
+
+def _names(schema: dict[str, pl.DataType]) -> str:
+    names = list(schema)
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
