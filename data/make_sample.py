@@ -19,7 +19,9 @@ def make_frame(rows: int, features: int, seed: int = 0, correlation: float = 0.3
     """A frame with ``id`` (string), ``x0..x{features-1}`` (float64) and ``label`` (bool)."""
     rng = np.random.default_rng(seed)
     common = rng.normal(size=rows)
-    raw = np.sqrt(1 - correlation) * rng.normal(size=(features, rows)) + np.sqrt(correlation) * common
+    raw = (
+        np.sqrt(1 - correlation) * rng.normal(size=(features, rows)) + np.sqrt(correlation) * common
+    )
     scales = 10.0 ** rng.uniform(-1, 2, size=features)
     offsets = rng.normal(scale=50, size=features)
     X = raw * scales[:, None] + offsets[:, None]  # (n, m)
@@ -34,7 +36,9 @@ def make_frame(rows: int, features: int, seed: int = 0, correlation: float = 0.3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--features", type=int, default=6)
     parser.add_argument("--files", type=int, default=1, help="split into this many files")

@@ -8,7 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from flows.config import TrainConfig
-from flows.dataset import plan_inputs
+from flows.dataset import plan_inputs, scan, validate_values
 from flows.errors import DataError, LrflowError
 
 app = typer.Typer(
@@ -47,8 +47,12 @@ def train(
     ] = None,
     iterations: Annotated[int, typer.Option(help="Most gradient updates.")] = 1000,
     learning_rate: Annotated[float, typer.Option(help="Step size.")] = 0.5,
-    l2: Annotated[float, typer.Option(help="L2 penalty strength (the intercept is not penalized).")] = 0.0,
-    tol: Annotated[float, typer.Option(help="Stop when the cost changes by less than this.")] = 1e-10,
+    l2: Annotated[
+        float, typer.Option(help="L2 penalty strength (the intercept is not penalized).")
+    ] = 0.0,
+    tol: Annotated[
+        float, typer.Option(help="Stop when the cost changes by less than this.")
+    ] = 1e-10,
     standardize: Annotated[
         bool, typer.Option("--standardize/--no-standardize", help="Train on standardized features.")
     ] = True,
@@ -68,9 +72,11 @@ def train(
         standardize=standardize,
         dtype=dtype,  # type: ignore[arg-type]  # validated by the model
     )
-    # Paths, schemas and column choices are checked from the footers before
-    # Prefect (seconds to start) is even imported.
-    plan_inputs(config.data, config.label, config.features)
+    # Every input check runs before Prefect (seconds to start) is even imported:
+    # paths, schemas and columns from the footers, then the values in one streamed
+    # aggregate query that holds no data. The flow repeats them for scheduled runs.
+    plan = plan_inputs(config.data, config.label, config.features)
+    validate_values(plan, scan(plan), config.positive_label)
     _check_output(config.output)
 
     # A batch job has no business phoning home; an explicit setting still wins.

@@ -137,14 +137,66 @@ def plan_inputs(
         chosen = tuple(features)
         for name in chosen:
             if name == label:
-                raise DataError("is the label; it cannot also be a feature", path=where, column=name)
+                raise DataError(
+                    "is the label; it cannot also be a feature", path=where, column=name
+                )
             if name not in schema:
-                raise DataError(f"feature not found (columns: {_names(schema)})", path=where, column=name)
+                raise DataError(
+                    f"feature not found (columns: {_names(schema)})", path=where, column=name
+                )
             if not is_feature_dtype(schema[name]):
                 raise DataError(
-                    f"feature has type {schema[name]}, not {FEATURE_DTYPES}", path=where, column=name
+                    f"feature has type {schema[name]}, not {FEATURE_DTYPES}",
+                    path=where,
+                    column=name,
                 )
     return InputPlan(files=files, features=chosen, label=label, schema=schema)
+
+
+def validate_values(
+    plan: InputPlan, frame: pl.LazyFrame, positive_label: str | None = None
+) -> LabelMapping:
+    """Check the values in one aggregate query; returns the label mapping.
+
+    Zero rows, nulls anywhere, NaN or infinity in a feature, a label without
+    exactly two values: each raises DataError naming the file and the column.
+    ``frame`` may be a scan of the files (streamed, nothing held) or data already read.
+    """
+    columns = [*plan.features, plan.label]
+    checks = [pl.len().alias("rows")]
+    checks += [pl.col(name).null_count().alias(f"null:{name}") for name in columns]
+    checks += [
+        (pl.col(name).is_nan() | pl.col(name).is_infinite()).sum().alias(f"nonfinite:{name}")
+        for name in plan.features
+        if plan.schema[name].is_float()
+    ]
+    label = pl.col(plan.label).drop_nulls()
+    checks += [
+        label.n_unique().alias("n_labels"),
+        label.unique().sort().head(5).implode().alias("labels"),
+    ]
+    try:
+        found = frame.select(checks).collect().row(0, named=True)
+    except DataError:
+        raise
+    except Exception as error:
+        raise _read_error(plan, error, columns) from None
+    if found.pop("rows") == 0:
+        raise DataError("no rows", path=_where(plan))
+    labels, n_labels = found.pop("labels"), found.pop("n_labels")
+    for key, count in found.items():
+        if count:
+            kind, name = key.split(":", 1)
+            problem = "null values" if kind == "null" else "NaN or infinite values"
+            raise DataError(f"{count} {problem}", path=_culprit_file(plan, name, kind), column=name)
+    return label_mapping(plan, labels, n_labels, positive_label)
+
+
+def scan(plan: InputPlan) -> pl.LazyFrame:
+    """A lazy scan of the planned columns of every file, in file order."""
+    return pl.scan_parquet(list(plan.files), hive_partitioning=False).select(
+        [*plan.features, plan.label]
+    )
 
 
 def load_dataset(
@@ -156,22 +208,23 @@ def load_dataset(
 ) -> Dataset:
     """Read the planned columns, validate their values and build the column-stacked matrices."""
     columns = [*plan.features, plan.label]
-    frame = _read(plan, columns)
-    if frame.height == 0:
-        raise DataError("no rows", path=_where(plan))
-    _check_values(plan, frame)
-    mapping = label_mapping(plan, frame.get_column(plan.label), positive_label)
+    try:
+        frame = scan(plan).collect()
+    except Exception as error:
+        raise _read_error(plan, error, columns) from None
+    mapping = validate_values(plan, frame.lazy(), positive_label)
     mean, scale = _statistics(plan, frame) if standardize else _identity(len(plan.features))
     target = np.dtype(dtype)
     X = np.empty((len(plan.features), frame.height), dtype=target)  # (n, m), C order
     for j, name in enumerate(plan.features):
         values = frame.get_column(name).cast(pl.Float64).to_numpy()  # zero-copy for f64
-        if standardize:
-            # Standardize in float64 while filling the one row, so float32 loses
-            # nothing to cancellation and no other (n, m) copy is made.
-            X[j] = (values - mean[j]) / scale[j]
-        else:
-            X[j] = values
+        with np.errstate(over="ignore"):  # out-of-range float32 values are reported below
+            if standardize:
+                # Standardize in float64 while filling the one row, so float32 loses
+                # nothing to cancellation and no other (n, m) copy is made.
+                X[j] = (values - mean[j]) / scale[j]
+            else:
+                X[j] = values
         if target != np.float64 and not np.all(np.isfinite(X[j])):
             raise DataError(f"values exceed the {dtype} range", path=_where(plan), column=name)
     labels = frame.get_column(plan.label)
@@ -190,15 +243,21 @@ def load_dataset(
     )
 
 
-def label_mapping(plan: InputPlan, labels: pl.Series, positive_label: str | None) -> LabelMapping:
-    """Map a binary label onto 0/1: sorted order, negative first, unless told the positive."""
-    values = labels.unique().sort().to_list()
-    dtype = str(labels.dtype)
-    if labels.dtype == pl.Boolean and positive_label is None:
+def label_mapping(
+    plan: InputPlan, values: list[Any], n_distinct: int, positive_label: str | None
+) -> LabelMapping:
+    """Map a binary label onto 0/1: sorted order, negative first, unless told the positive.
+
+    ``values`` are the label's first distinct values in sorted order (all of them
+    when there are two); ``n_distinct`` counts them all.
+    """
+    label_dtype = plan.schema[plan.label]
+    dtype = str(label_dtype)
+    if label_dtype == pl.Boolean and positive_label is None:
         return LabelMapping(negative=False, positive=True, dtype=dtype)
-    if len(values) != 2:
-        shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
-        problem = "one value" if len(values) == 1 else f"{len(values)} distinct values"
+    if n_distinct != 2:
+        shown = ", ".join(repr(v) for v in values) + (", ..." if n_distinct > len(values) else "")
+        problem = "one value" if n_distinct == 1 else f"{n_distinct} distinct values"
         raise DataError(
             f"label has {problem} ({shown}); it must have exactly two",
             path=_where(plan),
@@ -230,38 +289,14 @@ def fingerprint(files: tuple[Path, ...]) -> str:
     return digest.hexdigest()
 
 
-def _read(plan: InputPlan, columns: list[str]) -> pl.DataFrame:
-    try:
-        return (
-            pl.scan_parquet(list(plan.files), hive_partitioning=False)
-            .select(columns)
-            .collect()
-        )
-    except Exception as error:
-        # A footer can be fine while a data page is damaged: find the file that fails.
-        for path in plan.files:
-            try:
-                pl.scan_parquet(path, hive_partitioning=False).select(columns).collect()
-            except Exception as file_error:
-                raise DataError(f"cannot read data ({_first_line(file_error)})", path=path) from None
-        raise DataError(f"cannot read data ({_first_line(error)})", path=_where(plan)) from None
-
-
-def _check_values(plan: InputPlan, frame: pl.DataFrame) -> None:
-    """Nulls anywhere, NaN or infinity in a feature: name the first culprit file and column."""
-    checks = [pl.col(name).null_count().alias(f"null:{name}") for name in frame.columns]
-    checks += [
-        (pl.col(name).is_nan() | pl.col(name).is_infinite()).sum().alias(f"nonfinite:{name}")
-        for name in plan.features
-        if frame.schema[name].is_float()
-    ]
-    counts = frame.select(checks).row(0, named=True)
-    for key, count in counts.items():
-        if count:
-            kind, name = key.split(":", 1)
-            problem = "null values" if kind == "null" else "NaN or infinite values"
-            culprit = _culprit_file(plan, name, kind)
-            raise DataError(f"{count} {problem}", path=culprit, column=name)
+def _read_error(plan: InputPlan, error: Exception, columns: list[str]) -> DataError:
+    """Translate a read failure; a footer can be fine while a data page is damaged."""
+    for path in plan.files:
+        try:
+            pl.scan_parquet(path, hive_partitioning=False).select(columns).collect()
+        except Exception as file_error:
+            return DataError(f"cannot read data ({_first_line(file_error)})", path=path)
+    return DataError(f"cannot read data ({_first_line(error)})", path=_where(plan))
 
 
 def _culprit_file(plan: InputPlan, name: str, kind: str) -> Path | str:
@@ -269,7 +304,11 @@ def _culprit_file(plan: InputPlan, name: str, kind: str) -> Path | str:
         return plan.files[0]
     for path in plan.files:
         column = pl.read_parquet(path, columns=[name]).get_column(name)
-        bad = column.null_count() if kind == "null" else (column.is_nan() | column.is_infinite()).sum()
+        bad = (
+            column.null_count()
+            if kind == "null"
+            else (column.is_nan() | column.is_infinite()).sum()
+        )
         if bad:
             return path
     return _where(plan)
@@ -297,7 +336,11 @@ def _identity(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _where(plan: InputPlan) -> Path | str:
-    return plan.files[0] if len(plan.files) == 1 else f"{plan.files[0].parent} ({len(plan.files)} files)"
+    return (
+        plan.files[0]
+        if len(plan.files) == 1
+        else f"{plan.files[0].parent} ({len(plan.files)} files)"
+    )
 
 
 def _names(schema: dict[str, pl.DataType]) -> str:

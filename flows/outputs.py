@@ -7,18 +7,16 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows.config import TrainConfig
+from flows.dataset import Dataset
+from lr_kernel import FitResult
 from lr_kernel.metrics import binary_metrics
-
-if TYPE_CHECKING:
-    from flows.config import TrainConfig
-    from flows.dataset import Dataset
-    from lr_kernel import FitResult
 
 INTERCEPT_TERM = "(Intercept)"
 METADATA_KEY = b"lrflow"
@@ -74,7 +72,11 @@ def cost_history_table(cost_history: np.ndarray, gradient_norm: np.ndarray) -> p
 
 def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> pa.Table:
     """Long format: one row per (split, metric)."""
-    rows = [(split, name, float(value)) for split, values in metrics.items() for name, value in values.items()]
+    rows = [
+        (split, name, float(value))
+        for split, values in metrics.items()
+        for name, value in values.items()
+    ]
     return pa.table(
         {
             "split": [r[0] for r in rows],
@@ -126,9 +128,9 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def run_metadata(
-    dataset: "Dataset",
-    result: "FitResult",
-    config: "TrainConfig",
+    dataset: Dataset,
+    result: FitResult,
+    config: TrainConfig,
     *,
     started_at: datetime,
     run_id: str | None,
@@ -161,9 +163,9 @@ def run_metadata(
 
 def write_run_outputs(
     output: Path,
-    dataset: "Dataset",
-    result: "FitResult",
-    config: "TrainConfig",
+    dataset: Dataset,
+    result: FitResult,
+    config: TrainConfig,
     *,
     started_at: datetime,
     run_id: str | None = None,

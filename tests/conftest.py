@@ -1,0 +1,45 @@
+"""Shared fixtures: a private Prefect home, one Prefect test server per session, tiny Parquet."""
+
+import os
+import tempfile
+
+# Before Prefect is imported anywhere: its database and settings go to a temporary
+# home, and the test server sends nothing anywhere.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="lrflow-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (SQLite, in-process) shared by every test that runs a flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def write_parquet(path: Path, columns: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(columns).write_parquet(path)
+    return path
+
+
+@pytest.fixture
+def small_frame() -> dict:
+    """40 rows: an id, two numeric features on different scales, a boolean label."""
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(10, 3, size=40)
+    x2 = rng.integers(0, 100, size=40)
+    label = (0.5 * (x1 - 10) + 0.03 * (x2 - 50) + rng.normal(size=40)) > 0
+    return {"id": [f"r{i}" for i in range(40)], "x1": x1, "x2": x2, "label": label}
+
+
+@pytest.fixture
+def sample_file(tmp_path, small_frame) -> Path:
+    return write_parquet(tmp_path / "in" / "data.parquet", small_frame)
