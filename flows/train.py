@@ -1,5 +1,6 @@
 """The train flow: Parquet -> Dataset -> lr_kernel.fit -> Parquet, as three coarse tasks."""
 
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +15,20 @@ from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
 from flows.outputs import write_run_outputs
 from lr_kernel import FitResult, fit
+
+
+class _ExpectedErrorsWithoutTraceback(logging.Filter):
+    """Our errors carry a complete one-line reason; a traceback under it only adds noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], LrflowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_ExpectedErrorsWithoutTraceback())
 
 
 class TrainSummary(BaseModel):
