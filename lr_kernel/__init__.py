@@ -17,14 +17,28 @@ Conventions
   the cost of the initial parameters.
 """
 
-from lr_kernel.loss import loss_and_gradients, predict_proba, sigmoid
-from lr_kernel.train import FitResult, StopReason, fit
+from lr_kernel.loss import (
+    FusedLoss,
+    LossFunction,
+    default_block_size,
+    loss_and_gradients,
+    loss_and_gradients_naive,
+    predict_proba,
+    sigmoid,
+)
+from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, StopReason, fit
 
 __all__ = [
+    "OPTIMIZERS",
     "FitResult",
+    "FusedLoss",
+    "LossFunction",
+    "Optimizer",
     "StopReason",
+    "default_block_size",
     "fit",
     "loss_and_gradients",
+    "loss_and_gradients_naive",
     "predict_proba",
     "sigmoid",
 ]

@@ -1,4 +1,6 @@
-"""The training loop (the only loop: over iterations), its stop rules and FitResult."""
+"""The training loops (the only loops: over iterations), their stop rules and FitResult."""
+
+from __future__ import annotations
 
 import math
 from collections.abc import Callable
@@ -6,10 +8,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.optimize
 
-from lr_kernel.loss import FloatArray, loss_and_gradients
+from lr_kernel.loss import FloatArray, FusedLoss, LossFunction
 
 StopReason = Literal["iterations", "tolerance", "diverged"]
+Optimizer = Literal["gd", "nesterov", "lbfgs"]
+OPTIMIZERS: tuple[Optimizer, ...] = ("gd", "nesterov", "lbfgs")
 
 # A rise of the cost larger than rounding, this many updates in a row, is divergence.
 # One rise alone is not: near the optimum the cost moves by a few ulps either way.
@@ -51,19 +56,51 @@ class FitResult:
     stop_reason: StopReason
 
 
+class _History:
+    """Cost and gradient-norm rows as a solver produces them, and the callback."""
+
+    def __init__(self, callback: Callable[[int, float], None] | None) -> None:
+        self.costs: list[float] = []
+        self.grad_norms: list[float] = []
+        self.callback = callback
+
+    def record(self, cost: float, dw: FloatArray, db: float) -> None:
+        self.costs.append(cost)
+        self.grad_norms.append(math.hypot(float(np.linalg.norm(dw)), db))
+        if self.callback is not None:
+            self.callback(len(self.costs) - 1, cost)
+
+    def result(self, w: FloatArray, b: float, stop_reason: StopReason) -> FitResult:
+        return FitResult(
+            w=w,
+            b=b,
+            cost_history=np.asarray(self.costs, dtype=np.float64),
+            gradient_norm_history=np.asarray(self.grad_norms, dtype=np.float64),
+            n_iterations=len(self.costs) - 1,
+            converged=stop_reason == "tolerance",
+            stop_reason=stop_reason,
+        )
+
+
 def fit(
     X: FloatArray,
     Y: FloatArray,
     *,
-    learning_rate: float,
+    learning_rate: float | None = None,
     iterations: int,
     l2: float = 0.0,
     tol: float = 0.0,
     w0: FloatArray | None = None,
     b0: float = 0.0,
     callback: Callable[[int, float], None] | None = None,
+    optimizer: Optimizer = "gd",
+    block_size: int | None = None,
+    n_threads: int = 1,
 ) -> FitResult:
-    """Full-batch gradient descent on the regularized log-loss.
+    """Minimize the regularized log-loss with full-batch gradient descent or a faster solver.
+
+    Every solver calls one :class:`~lr_kernel.FusedLoss` built here, so each
+    iteration reads ``X`` once and allocates nothing of size ``n_examples``.
 
     Parameters
     ----------
@@ -72,13 +109,16 @@ def fit(
     Y : ndarray of shape (1, n_examples)
         0.0/1.0 labels in ``X``'s dtype.
     learning_rate : float
-        Step size ``alpha`` of ``w -= alpha * dw``; must be > 0.
+        Step size ``alpha`` of ``w -= alpha * dw``; must be > 0. Required by
+        ``"gd"`` and ``"nesterov"``; ignored by ``"lbfgs"``, which searches its steps.
     iterations : int
         Most updates to apply; must be >= 1.
     l2 : float, default 0.0
         L2 penalty strength (>= 0).
     tol : float, default 0.0
-        Stop when ``|J_k - J_{k-1}| < tol`` (0 disables the rule).
+        Stop when ``|J_k - J_{k-1}| < tol`` (0 disables the rule). For
+        ``"lbfgs"`` it is SciPy's ``ftol``: ``(J_{k-1} - J_k) / max(|J_k|, |J_{k-1}|, 1)
+        <= tol``, the same rule while the cost is at most 1.
     w0 : ndarray of shape (n_features, 1), optional
         Initial weights (zeros by default); copied, never modified.
     b0 : float, default 0.0
@@ -86,6 +126,13 @@ def fit(
     callback : callable ``(iteration, cost) -> None``, optional
         Called after each update with the update's number (from 1) and the new cost;
         also once with ``(0, initial cost)``.
+    optimizer : {"gd", "nesterov", "lbfgs"}, default "gd"
+        ``"gd"``: ``w -= alpha * dw``. ``"nesterov"``: accelerated gradient with
+        an adaptive restart (momentum is dropped whenever the cost rises).
+        ``"lbfgs"``: ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)``;
+        one history row per L-BFGS iteration (each may evaluate the loss more
+        than once; the row is the cost at the accepted iterate).
+    block_size, n_threads : see :class:`~lr_kernel.FusedLoss`.
 
     Returns
     -------
@@ -94,9 +141,13 @@ def fit(
     n, m = X.shape
     if Y.shape != (1, m):
         raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if not learning_rate > 0 or not math.isfinite(learning_rate):
+    if optimizer != "lbfgs" and (
+        learning_rate is None or not learning_rate > 0 or not math.isfinite(learning_rate)
+    ):
         raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate}")
     if not l2 >= 0 or not math.isfinite(l2):
         raise ValueError(f"l2 must be >= 0 and finite, got {l2}")
@@ -108,43 +159,180 @@ def fit(
         if w0.shape != (n, 1):
             raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
         w = np.array(w0, dtype=X.dtype)
-    b = float(b0)
-    # Rounding noise on a float64-summed cost whose terms are in X's dtype.
-    rise_rtol = 64 * float(np.finfo(X.dtype).eps)
+    loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads)
+    history = _History(callback)
+    if optimizer == "lbfgs":
+        return _lbfgs(loss, w, float(b0), l2, iterations, tol, history)
+    assert learning_rate is not None  # checked above
+    if optimizer == "nesterov":
+        return _nesterov(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
+    return _gradient_descent(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
 
-    cost, dw, db = loss_and_gradients(X, Y, w, b, l2)
-    costs = [cost]
-    grad_norms = [math.hypot(float(np.linalg.norm(dw)), db)]
-    if callback is not None:
-        callback(0, cost)
+
+def _rise_rtol(loss: LossFunction) -> float:
+    # Rounding noise on a float64-summed cost whose terms are in X's dtype.
+    return 64 * float(np.finfo(loss.dtype).eps)
+
+
+def _gradient_descent(
+    loss: LossFunction,
+    w: FloatArray,
+    b: float,
+    l2: float,
+    learning_rate: float,
+    iterations: int,
+    tol: float,
+    history: _History,
+) -> FitResult:
+    rise_rtol = _rise_rtol(loss)
+    cost, dw, db = loss(w, b, l2)
+    history.record(cost, dw, db)
+    initial = cost
     stop_reason: StopReason = "iterations"
     rises = 0
-    iteration = 0
-    for iteration in range(1, iterations + 1):
+    for _ in range(iterations):
         w -= learning_rate * dw
         b -= learning_rate * db
         previous = cost
-        cost, dw, db = loss_and_gradients(X, Y, w, b, l2)
-        costs.append(cost)
-        grad_norms.append(math.hypot(float(np.linalg.norm(dw)), db))
-        if callback is not None:
-            callback(iteration, cost)
-        if not math.isfinite(cost) or not math.isfinite(grad_norms[-1]):
+        cost, dw, db = loss(w, b, l2)
+        history.record(cost, dw, db)
+        if not math.isfinite(cost) or not math.isfinite(history.grad_norms[-1]):
             stop_reason = "diverged"
             break
         rises = rises + 1 if cost > previous + rise_rtol * abs(previous) else 0
-        if rises >= DIVERGENCE_PATIENCE or cost > costs[0] + rise_rtol * abs(costs[0]):
+        if rises >= DIVERGENCE_PATIENCE or cost > initial + rise_rtol * abs(initial):
             stop_reason = "diverged"
             break
         if abs(cost - previous) < tol:
             stop_reason = "tolerance"
             break
-    return FitResult(
-        w=w,
-        b=b,
-        cost_history=np.asarray(costs, dtype=np.float64),
-        gradient_norm_history=np.asarray(grad_norms, dtype=np.float64),
-        n_iterations=iteration,
-        converged=stop_reason == "tolerance",
-        stop_reason=stop_reason,
+    return history.result(w, b, stop_reason)
+
+
+def _nesterov(
+    loss: LossFunction,
+    w: FloatArray,
+    b: float,
+    l2: float,
+    learning_rate: float,
+    iterations: int,
+    tol: float,
+    history: _History,
+) -> FitResult:
+    """Accelerated gradient (FISTA's momentum schedule) with function-value restart.
+
+    The loss is evaluated once per iteration, at the extrapolated point
+    ``(v, c)``; that point is the iterate the history and the result report,
+    so ``cost_history[-1]`` is the cost of the returned parameters. When the
+    cost rises, momentum is dropped (O'Donoghue & Candès 2015), so the next
+    update is a plain gradient step: a rise that survives
+    ``DIVERGENCE_PATIENCE`` updates in a row is a step that is too large, as
+    for ``"gd"``, and so is a cost above the initial cost.
+    """
+    rise_rtol = _rise_rtol(loss)
+    v, c = w, b  # the evaluation point (v, c); (w, b) is the last gradient step
+    cost, dw, db = loss(v, c, l2)
+    history.record(cost, dw, db)
+    initial = cost
+    t = 1.0
+    stop_reason: StopReason = "iterations"
+    rises = 0
+    for _ in range(iterations):
+        w_next = v - learning_rate * dw
+        b_next = c - learning_rate * db
+        previous = cost
+        if rises:
+            t = 1.0  # restart: the step after a rise carries no momentum
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        momentum = (t - 1.0) / t_next
+        v = w_next + momentum * (w_next - w)
+        c = b_next + momentum * (b_next - b)
+        w, b, t = w_next, b_next, t_next
+        cost, dw, db = loss(v, c, l2)
+        history.record(cost, dw, db)
+        if not math.isfinite(cost) or not math.isfinite(history.grad_norms[-1]):
+            stop_reason = "diverged"
+            break
+        rises = rises + 1 if cost > previous + rise_rtol * abs(previous) else 0
+        if rises >= DIVERGENCE_PATIENCE or cost > initial + rise_rtol * abs(initial):
+            stop_reason = "diverged"
+            break
+        if abs(cost - previous) < tol:
+            stop_reason = "tolerance"
+            break
+    return history.result(v, c, stop_reason)
+
+
+def _lbfgs(
+    loss: LossFunction,
+    w: FloatArray,
+    b: float,
+    l2: float,
+    iterations: int,
+    tol: float,
+    history: _History,
+) -> FitResult:
+    """``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` over the fused loss.
+
+    SciPy works on ``theta = [w; b]`` in float64; the loss is evaluated in
+    ``X``'s dtype. The callback receives each accepted iterate; its cost and
+    gradient come from the evaluation the line search ended on (kept here), so
+    recording the history costs no extra pass over ``X``.
+    """
+    n = loss.n_features
+    dtype = loss.dtype
+    # The latest evaluation: (theta, cost, dw, db).
+    last: list[tuple[FloatArray, float, FloatArray, float]] = []
+
+    def objective(theta: FloatArray) -> tuple[float, FloatArray]:
+        w_eval = theta[:n].reshape(n, 1).astype(dtype)
+        cost, dw, db = loss(w_eval, float(theta[n]), l2)
+        grad = np.empty(n + 1, dtype=np.float64)
+        grad[:n] = dw.ravel()
+        grad[n] = db
+        last[:] = [(theta.copy(), cost, dw, db)]
+        # A non-finite cost makes the line search step back instead of failing.
+        return (cost if math.isfinite(cost) else math.inf), grad
+
+    def evaluated_at(theta: FloatArray) -> tuple[float, FloatArray, float]:
+        if not last or not np.array_equal(last[0][0], theta):
+            objective(theta)
+        _, cost, dw, db = last[0]
+        return cost, dw, db
+
+    theta0 = np.concatenate([w.ravel().astype(np.float64), [b]])
+    history.record(*evaluated_at(theta0))
+    accepted = [theta0]
+
+    def on_iteration(intermediate_result: scipy.optimize.OptimizeResult) -> None:
+        theta = np.asarray(intermediate_result.x, dtype=np.float64)
+        accepted.append(theta.copy())
+        history.record(*evaluated_at(theta))
+
+    result = scipy.optimize.minimize(
+        objective,
+        theta0,
+        method="L-BFGS-B",
+        jac=True,
+        callback=on_iteration,
+        options={
+            "maxiter": iterations,
+            "maxfun": max(15_000, 20 * iterations),
+            "ftol": tol,
+            # Our only convergence rule is on the cost, as for the other solvers.
+            "gtol": 0.0,
+        },
     )
+    theta = accepted[-1]
+    final_cost = history.costs[-1]
+    stop_reason: StopReason
+    if not math.isfinite(final_cost):
+        stop_reason = "diverged"
+    elif result.status == 1:  # iteration or evaluation budget spent
+        stop_reason = "iterations"
+    else:
+        # 0: the ftol rule. 2 (ABNORMAL): the line search found no lower cost,
+        # which for this smooth convex loss means rounding-level convergence.
+        stop_reason = "tolerance"
+    w_final = theta[:n].reshape(n, 1).astype(dtype)
+    return history.result(w_final, float(theta[n]), stop_reason)

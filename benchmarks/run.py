@@ -1,0 +1,337 @@
+"""Benchmarks of the lr_kernel: loops vs vectorized, roofline, time to scikit-learn's loss, memory.
+
+    python benchmarks/run.py            # full run (minutes); paste into RESULTS.md
+    python benchmarks/run.py --quick    # smaller sizes, under two minutes
+
+Competitors are timed interleaved (round-robin) in one process on the same
+data and repeated; tables give medians (and minimums where the noise of a
+shared machine makes the best case informative) and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from lr_kernel import FusedLoss, fit, loss_and_gradients_naive
+from lr_kernel.reference import loss_and_gradients_double_loop, loss_and_gradients_loop
+
+
+def machine_lines() -> list[str]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(
+            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line),
+            "?",
+        )
+    except (OSError, subprocess.CalledProcessError):
+        model = platform.processor() or "?"
+    blas = [
+        f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture', '?')}, "
+        f"{i.get('num_threads')} threads, {os.path.basename(i.get('filepath', ''))})"
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    import scipy
+    import sklearn
+
+    return [
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- CPU: {model}, {os.cpu_count()} logical cores",
+        f"- Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, "
+        f"scikit-learn {sklearn.__version__}",
+        f"- BLAS (threadpoolctl): {'; '.join(blas)}",
+        f"- load average at the start: {os.getloadavg()[0]:.2f} (1 min; the machine is shared)",
+        f"- OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: {env['OPENBLAS_CORETYPE']} / "
+        f"{env['OPENBLAS_L2_SIZE']}",
+    ]
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, round-robin so noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+CORES = os.cpu_count() or 1
+
+
+class _OutOfTime(Exception):
+    """Raised from a fit callback to stop a solver that exceeds its time budget."""
+
+
+def make_data(
+    n: int, m: int, *, correlated: bool, dtype: type = np.float64, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Column-stacked ``X`` (n, m) with unit-variance features, and labels ``Y`` (1, m)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, m))
+    if correlated:
+        # Every feature shares one factor: pairwise correlation 0.95, a
+        # condition number of about n * 0.95 / 0.05 for the Hessian.
+        factor = rng.standard_normal(m)
+        X *= np.sqrt(0.05)
+        X += np.sqrt(0.95) * factor
+    w_true = rng.standard_normal(n) / np.sqrt(n)
+    p = 1 / (1 + np.exp(-(w_true @ X)))
+    Y = (rng.random(m) < p).astype(dtype).reshape(1, m)
+    return np.ascontiguousarray(X, dtype=dtype), Y
+
+
+def section_loops(n: int, m: int, repeats: int) -> list[str]:
+    X, Y = make_data(n, m, correlated=False)
+    w = np.full((n, 1), 0.01)
+    fused = FusedLoss(X, Y)
+    threaded = FusedLoss(X, Y, n_threads=CORES)
+
+    def ours_one_blas() -> object:
+        with threadpool_limits(1, "blas"):
+            return threaded(w, 0.1)
+
+    times = interleaved(
+        {
+            "double loop (reference.py)": lambda: loss_and_gradients_double_loop(X, Y, w, 0.1),
+            "per-example loop (reference.py)": lambda: loss_and_gradients_loop(X, Y, w, 0.1),
+            "naive vectorized": lambda: loss_and_gradients_naive(X, Y, w, 0.1),
+            "ours, default (1 Python thread)": lambda: fused(w, 0.1),
+            f"ours, n_threads={CORES}, BLAS limited to 1": ours_one_blas,
+        },
+        repeats,
+    )
+    loop = statistics.median(times["per-example loop (reference.py)"])
+    lines = [
+        f"### Loops vs vectorized: one loss+gradient, n = {n}, m = {m:,}, float64, "
+        f"median of {repeats}",
+        "",
+        "| implementation | time | speed-up over per-example loop |",
+        "|---|---:|---:|",
+    ]
+    for name, values in times.items():
+        t = statistics.median(values)
+        lines.append(f"| {name} | {t * 1e3:.2f} ms | {loop / t:,.0f}x |")
+    return lines
+
+
+def sklearn_loss_gradient(X: np.ndarray, Y: np.ndarray, l2: float) -> Callable[[], object]:
+    """scikit-learn's own fused loss+gradient, as its lbfgs solver calls it."""
+    from sklearn._loss.loss import HalfBinomialLoss
+    from sklearn.linear_model._linear_loss import LinearModelLoss
+
+    loss = LinearModelLoss(base_loss=HalfBinomialLoss(), fit_intercept=True)
+    features = X.T  # (m, n) view, Fortran order
+    y = Y.ravel()
+    coef = np.full(X.shape[0] + 1, 0.01, dtype=X.dtype)
+    threads = os.cpu_count() or 1
+    return lambda: loss.loss_gradient(coef, features, y, l2_reg_strength=l2, n_threads=threads)
+
+
+def section_roofline(n: int, m: int, repeats: int) -> list[str]:
+    lines = [
+        f"### Per-iteration time at n = {n}, m = {m:,} (one loss+gradient), "
+        f"{repeats} interleaved repeats",
+        "",
+        "Roofline: the fastest single read of `X` in this run (min over `X.sum()` and "
+        "BLAS `w.T @ X`, best of the repeats). % roofline = roofline time / time.",
+        "",
+        "| dtype | implementation | median | min | % roofline (median / min) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for dtype in (np.float64, np.float32):
+        X, Y = make_data(n, m, correlated=False, dtype=dtype)
+        w = np.full((n, 1), 0.01, dtype=dtype)
+        fused = FusedLoss(X, Y)
+        threaded = FusedLoss(X, Y, n_threads=os.cpu_count() or 1)
+
+        def threaded_one_blas(threaded: FusedLoss = threaded, w: np.ndarray = w) -> object:
+            with threadpool_limits(1, "blas"):
+                return threaded(w, 0.1)
+
+        candidates: dict[str, Callable[[], object]] = {
+            "read: X.sum()": X.sum,
+            "read: w.T @ X": lambda X=X, w=w: w.T @ X,
+            "naive vectorized": lambda X=X, Y=Y, w=w: loss_and_gradients_naive(X, Y, w, 0.1),
+            "ours, 1 Python thread (default)": lambda fused=fused, w=w: fused(w, 0.1),
+            f"ours, {os.cpu_count()} Python threads, BLAS limited to 1": threaded_one_blas,
+            "scikit-learn LinearModelLoss.loss_gradient": sklearn_loss_gradient(X, Y, 1.0),
+        }
+        times = interleaved(candidates, repeats)
+        roof = min(min(times["read: X.sum()"]), min(times["read: w.T @ X"]))
+        for name, values in times.items():
+            med, best = statistics.median(values), min(values)
+            lines.append(
+                f"| {np.dtype(dtype).name} | {name} | {med * 1e3:.1f} ms | {best * 1e3:.1f} ms | "
+                f"{roof / med:.0%} / {roof / best:.0%} |"
+            )
+        lines.append(
+            f"| {np.dtype(dtype).name} | (roofline: {X.nbytes / 1e6:.0f} MB in {roof * 1e3:.1f} ms "
+            f"= {X.nbytes / roof / 1e9:.1f} GB/s) | | | |"
+        )
+        del X, Y
+    return lines
+
+
+def lipschitz_step(X: np.ndarray) -> float:
+    """1/L for the mean log-loss, L = λmax([X; 1][X; 1]ᵀ / m) / 4 (intercept included)."""
+    n, m = X.shape
+    gram = np.empty((n + 1, n + 1))
+    gram[:n, :n] = X @ X.T / m
+    gram[:n, n] = gram[n, :n] = X.mean(axis=1)
+    gram[n, n] = 1.0
+    return 4.0 / float(np.linalg.eigvalsh(gram)[-1])
+
+
+def section_time_to_loss(
+    n: int, m: int, l2: float, gd_iterations: int, budget_s: float
+) -> list[str]:
+    from sklearn.linear_model import LogisticRegression
+
+    lines = [
+        f"### Time to reach scikit-learn's final loss, n = {n}, m = {m:,}, float64, l2 = {l2} "
+        "(C = 1/l2)",
+        "",
+        "Target: `J_sklearn * (1 + 1e-4)`, where `J_sklearn` is our objective at the "
+        "parameters of `LogisticRegression(solver='lbfgs', C=1/l2, max_iter=10_000)` "
+        f"(default tol, its own threads). Ours: `fit(..., n_threads={CORES})` under "
+        "`threadpool_limits(1, 'blas')`; the time includes building the workspace; gd "
+        f"and nesterov use step 1/L (L from the Gram matrix, not timed); each solver "
+        f"gets at most {budget_s:.0f} s.",
+        "",
+        "| data | solver | time to target | iterations | vs sklearn |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for correlated in (False, True):
+        label = "correlated (ρ = 0.95)" if correlated else "well-conditioned"
+        X, Y = make_data(n, m, correlated=correlated, seed=1)
+        features = X.T  # (m, n) view
+        start = time.perf_counter()
+        model = LogisticRegression(C=1 / l2, solver="lbfgs", max_iter=10_000).fit(
+            features, Y.ravel()
+        )
+        sklearn_time = time.perf_counter() - start
+        w_sk = model.coef_.reshape(n, 1)
+        target_base = loss_and_gradients_naive(X, Y, w_sk, float(model.intercept_[0]), l2)[0]
+        target = target_base * (1 + 1e-4)
+        lines.append(
+            f"| {label} | sklearn lbfgs | {sklearn_time:.2f} s | {int(model.n_iter_[0])} | 1.00x |"
+        )
+        step = lipschitz_step(X)
+        for optimizer, iterations in (
+            ("gd", gd_iterations),
+            ("nesterov", gd_iterations),
+            ("lbfgs", 10_000),
+        ):
+            reached: list[tuple[float, int]] = []
+            start = time.perf_counter()
+
+            def record(
+                i: int,
+                cost: float,
+                start: float = start,
+                target: float = target,
+                reached: list = reached,
+            ) -> None:
+                elapsed = time.perf_counter() - start
+                if not reached and cost <= target:
+                    reached.append((elapsed, i))
+                if reached or elapsed > budget_s:
+                    raise _OutOfTime
+
+            try:
+                with threadpool_limits(1, "blas"):
+                    fit(
+                        X,
+                        Y,
+                        learning_rate=step,
+                        iterations=iterations,
+                        l2=l2,
+                        optimizer=optimizer,  # type: ignore[arg-type]
+                        tol=0.0,
+                        callback=record,
+                        n_threads=CORES,
+                    )
+            except _OutOfTime:
+                pass
+            if reached:
+                t, i = reached[0]
+                lines.append(
+                    f"| {label} | ours {optimizer} | {t:.2f} s | {i} | {t / sklearn_time:.2f}x |"
+                )
+            else:
+                lines.append(
+                    f"| {label} | ours {optimizer} | not reached "
+                    f"({time.perf_counter() - start:.1f} s) | | |"
+                )
+        del X, Y
+    return lines
+
+
+def section_memory(n: int, m: int) -> list[str]:
+    X, Y = make_data(n, m, correlated=False)
+    lines = [
+        f"### Peak memory beyond X (tracemalloc), n = {n}, m = {m:,}, float64 "
+        f"(X is {X.nbytes / 1e6:.0f} MB; one (1, m) vector is {m * 8 / 1e6:.1f} MB)",
+        "",
+        "| what | peak traced allocation |",
+        "|---|---:|",
+    ]
+    w = np.zeros((n, 1))
+    tracemalloc.start()
+    loss_and_gradients_naive(X, Y, w, 0.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    lines.append(f"| naive vectorized, one call | {peak / 1e6:.2f} MB |")
+    for optimizer in ("gd", "nesterov", "lbfgs"):
+        tracemalloc.start()
+        fit(X, Y, learning_rate=1.0, iterations=10, optimizer=optimizer)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        lines.append(f"| fit(optimizer='{optimizer}'), 10 iterations | {peak / 1e6:.2f} MB |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    args = parser.parse_args()
+    if args.quick:
+        sizes = {"loops": (100, 2000, 3), "roof": (100, 200_000, 7), "ttl": (50, 50_000, 5000, 8)}
+    else:
+        sizes = {
+            "loops": (100, 5000, 5),
+            "roof": (100, 1_000_000, 15),
+            "ttl": (100, 200_000, 100_000, 60),
+        }
+    out = ["## lr_kernel benchmarks" + (" (--quick)" if args.quick else ""), "", *machine_lines()]
+    print("\n".join(out), flush=True)
+    sections = [
+        lambda: section_loops(*sizes["loops"]),
+        lambda: section_roofline(*sizes["roof"]),
+        lambda: section_time_to_loss(*sizes["ttl"][:2], 1.0, *sizes["ttl"][2:]),
+        lambda: section_memory(100, sizes["roof"][1]),
+    ]
+    for section in sections:
+        text = "\n".join(["", *section()])
+        print(text, flush=True)
+    print(f"\n- load average at the end: {os.getloadavg()[0]:.2f} (1 min)")
+
+
+if __name__ == "__main__":
+    main()
