@@ -53,6 +53,12 @@ def train(
     tol: Annotated[
         float, typer.Option(help="Stop when the cost changes by less than this.")
     ] = 1e-10,
+    optimizer: Annotated[
+        str, typer.Option(help="gd, nesterov or lbfgs (lbfgs ignores --learning-rate).")
+    ] = "gd",
+    threads: Annotated[
+        int | None, typer.Option(help="Kernel threads [default: the available cores].")
+    ] = None,
     standardize: Annotated[
         bool, typer.Option("--standardize/--no-standardize", help="Train on standardized features.")
     ] = True,
@@ -69,6 +75,8 @@ def train(
         learning_rate=learning_rate,
         l2=l2,
         tol=tol,
+        optimizer=optimizer,  # type: ignore[arg-type]  # validated by the model
+        threads=threads,
         standardize=standardize,
         dtype=dtype,  # type: ignore[arg-type]  # validated by the model
     )

@@ -26,6 +26,12 @@ class TrainConfig(BaseModel):
     tol: float = Field(
         default=1e-10, ge=0, allow_inf_nan=False, description="Stop when |ΔJ| < tol (0: never)."
     )
+    optimizer: Literal["gd", "nesterov", "lbfgs"] = Field(
+        default="gd", description="gd (the seeds'), nesterov (accelerated) or lbfgs (SciPy)."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="Kernel threads (default: the cores this process may use)."
+    )
     standardize: bool = Field(default=True, description="Train on standardized features.")
     dtype: Literal["float64", "float32"] = Field(default="float64")
 

@@ -1,6 +1,7 @@
 """The train flow: Parquet -> Dataset -> lr_kernel.fit -> Parquet, as three coarse tasks."""
 
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -9,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
+from threadpoolctl import threadpool_limits
 
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
@@ -49,16 +51,30 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(state.data, LrflowError)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
     """Train on a loaded dataset; a diverged run raises instead of returning garbage."""
-    result = fit(
-        dataset.X,
-        dataset.Y,
-        learning_rate=config.learning_rate,
-        iterations=config.iterations,
-        l2=config.l2,
-        tol=config.tol,
-    )
+    # The kernel splits X's blocks over its own threads, each calling BLAS on
+    # cache-sized blocks; a multi-threaded BLAS under them would oversubscribe
+    # the cores and stall on every small call (benchmarks/RESULTS.md).
+    with threadpool_limits(limits=1, user_api="blas"):
+        result = fit(
+            dataset.X,
+            dataset.Y,
+            learning_rate=config.learning_rate,
+            iterations=config.iterations,
+            l2=config.l2,
+            tol=config.tol,
+            optimizer=config.optimizer,
+            n_threads=config.threads or available_cores(),
+        )
     if result.stop_reason == "diverged":
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "

@@ -32,7 +32,8 @@ def test_help_lists_the_contracted_flags(capsys):
     text = capsys.readouterr().out
     for flag in [
         "--data", "--output", "--label", "--features", "--iterations", "--learning-rate",
-        "--l2", "--tol", "--no-standardize", "--dtype", "--positive-label",
+        "--l2", "--tol", "--no-standardize", "--dtype", "--positive-label", "--optimizer",
+        "--threads",
     ]:  # fmt: skip
         assert flag in text
 
@@ -86,8 +87,13 @@ def _real_dataset(name):
     return columns, label
 
 
-@pytest.mark.parametrize("dataset", ["breast_cancer", "wine"])
-def test_parameters_match_scikit_learn_on_real_data(prefect_api, tmp_path, dataset, capsys):
+@pytest.mark.parametrize(
+    ("dataset", "optimizer"),
+    [("breast_cancer", "gd"), ("wine", "gd"), ("breast_cancer", "nesterov"), ("wine", "lbfgs")],
+)
+def test_parameters_match_scikit_learn_on_real_data(
+    prefect_api, tmp_path, dataset, optimizer, capsys
+):
     pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -99,6 +105,7 @@ def test_parameters_match_scikit_learn_on_real_data(prefect_api, tmp_path, datas
     status = run_cli(
         "train", "--data", path, "--output", out, "--label", "target", "--l2", l2,
         "--iterations", 200_000, "--learning-rate", 1.0, "--tol", 1e-15,
+        "--optimizer", optimizer,
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
     raw = np.column_stack(list(columns.values()))  # (m, n)
@@ -128,6 +135,8 @@ def _snapshot(directory: Path) -> dict:
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--learning-rate", "-1"], "learning_rate"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--iterations", "0"], "iterations"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--dtype", "float16"], "dtype"),
+        ({"x": [1.0, 2.0], "label": [0, 1]}, ["--optimizer", "adam"], "optimizer"),
+        ({"x": [1.0, 2.0], "label": [0, 1]}, ["--threads", "0"], "threads"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--iterations", "many"], "--iterations"),
     ],
 )
