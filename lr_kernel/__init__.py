@@ -26,7 +26,7 @@ from lr_kernel.loss import (
     predict_proba,
     sigmoid,
 )
-from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, StopReason, fit
+from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, StopReason, TrainState, fit
 
 __all__ = [
     "OPTIMIZERS",
@@ -35,6 +35,7 @@ __all__ = [
     "LossFunction",
     "Optimizer",
     "StopReason",
+    "TrainState",
     "default_block_size",
     "fit",
     "loss_and_gradients",

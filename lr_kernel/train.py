@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -56,19 +56,107 @@ class FitResult:
     stop_reason: StopReason
 
 
-class _History:
-    """Cost and gradient-norm rows as a solver produces them, and the callback."""
+@dataclass(frozen=True)
+class TrainState:
+    """Everything a solver needs to go on from an iteration as if never stopped.
 
-    def __init__(self, callback: Callable[[int, float], None] | None) -> None:
-        self.costs: list[float] = []
-        self.grad_norms: list[float] = []
+    A checkpoint is one of these; ``fit(..., resume=state)`` continues from it.
+    For ``"gd"`` and ``"nesterov"`` the continued run is bitwise the run that was
+    never interrupted (same data, ``block_size`` and ``n_threads``); ``"lbfgs"``
+    restarts its curvature memory at ``w``, so it continues correctly, not bitwise.
+
+    Attributes
+    ----------
+    optimizer : {"gd", "nesterov", "lbfgs"}
+    iteration : int
+        Updates applied so far.
+    w : ndarray of shape (n_features, 1)
+        The reported parameters at ``iteration`` (``cost_history[-1]``'s).
+    b : float
+    cost_history, gradient_norm_history : ndarray of shape (iteration + 1,), float64
+    momentum : dict of str to ndarray or float
+        Solver state beyond ``(w, b)``: for ``"nesterov"`` the last gradient step
+        ``w_step`` ``(n_features, 1)``, ``b_step`` and the momentum schedule ``t``.
+    """
+
+    optimizer: Optimizer
+    iteration: int
+    w: FloatArray
+    b: float
+    cost_history: FloatArray
+    gradient_norm_history: FloatArray
+    momentum: dict[str, FloatArray | float] = field(default_factory=dict)
+
+
+class _History:
+    """Cost and gradient-norm rows as a solver produces them, the callback and checkpoints."""
+
+    def __init__(
+        self,
+        callback: Callable[[int, float], None] | None,
+        resume: TrainState | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[TrainState], None] | None = None,
+    ) -> None:
+        self.costs: list[float] = [] if resume is None else resume.cost_history.tolist()
+        self.grad_norms: list[float] = (
+            [] if resume is None else resume.gradient_norm_history.tolist()
+        )
         self.callback = callback
+        self.checkpoint_every = checkpoint_every if on_checkpoint is not None else 0
+        self.on_checkpoint = on_checkpoint
+
+    @property
+    def n_iterations(self) -> int:
+        return len(self.costs) - 1
+
+    def start(self, cost: float, dw: FloatArray, db: float) -> None:
+        """Record the starting point, unless a resumed history already holds it."""
+        if not self.costs:
+            self.record(cost, dw, db)
 
     def record(self, cost: float, dw: FloatArray, db: float) -> None:
         self.costs.append(cost)
         self.grad_norms.append(math.hypot(float(np.linalg.norm(dw)), db))
         if self.callback is not None:
             self.callback(len(self.costs) - 1, cost)
+
+    def trailing_rises(self, rise_rtol: float) -> int:
+        """Rises in a row at the end of the history: the divergence counter, rebuilt."""
+        rises = 0
+        for k in range(len(self.costs) - 1, 0, -1):
+            if self.costs[k] > self.costs[k - 1] + rise_rtol * abs(self.costs[k - 1]):
+                rises += 1
+            else:
+                break
+        return rises
+
+    def checkpoint(
+        self,
+        optimizer: Optimizer,
+        w: FloatArray,
+        b: float,
+        momentum: dict[str, FloatArray | float] | None = None,
+    ) -> None:
+        """Hand a :class:`TrainState` (copies) to ``on_checkpoint`` every ``checkpoint_every``."""
+        if self.on_checkpoint is None or not self.checkpoint_every:
+            return
+        if self.n_iterations % self.checkpoint_every:
+            return
+        self.on_checkpoint(
+            TrainState(
+                optimizer=optimizer,
+                iteration=self.n_iterations,
+                w=np.array(w),
+                b=float(b),
+                cost_history=np.asarray(self.costs, dtype=np.float64),
+                gradient_norm_history=np.asarray(self.grad_norms, dtype=np.float64),
+                momentum={
+                    k: np.array(v) if isinstance(v, np.ndarray) else v
+                    for k, v in (momentum or {}).items()
+                },
+            )
+        )
 
     def result(self, w: FloatArray, b: float, stop_reason: StopReason) -> FitResult:
         return FitResult(
@@ -96,6 +184,9 @@ def fit(
     optimizer: Optimizer = "gd",
     block_size: int | None = None,
     n_threads: int = 1,
+    resume: TrainState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> FitResult:
     """Minimize the regularized log-loss with full-batch gradient descent or a faster solver.
 
@@ -133,6 +224,15 @@ def fit(
         one history row per L-BFGS iteration (each may evaluate the loss more
         than once; the row is the cost at the accepted iterate).
     block_size, n_threads : see :class:`~lr_kernel.FusedLoss`.
+    resume : TrainState, optional
+        Go on from this state (a checkpoint) instead of ``(w0, b0)``: its history
+        is kept, and ``iterations`` counts the updates of the whole run, so a run
+        resumed at iteration 300 of 1000 applies 700 more.
+    checkpoint_every : int, default 0
+        Every this many updates, call ``on_checkpoint`` with the
+        :class:`TrainState` (0: never).
+    on_checkpoint : callable ``(TrainState) -> None``, optional
+        Receives copies; it may save them anywhere.
 
     Returns
     -------
@@ -153,6 +253,15 @@ def fit(
         raise ValueError(f"l2 must be >= 0 and finite, got {l2}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    momentum: dict[str, FloatArray | float] = {}
+    if resume is not None:
+        if resume.optimizer != optimizer:
+            raise ValueError(f"resume state is for {resume.optimizer!r}, not {optimizer!r}")
+        if resume.w.shape != (n, 1):
+            raise ValueError(f"resume state's w must have shape ({n}, 1), got {resume.w.shape}")
+        w0, b0, momentum = resume.w, resume.b, resume.momentum
     if w0 is None:
         w = np.zeros((n, 1), dtype=X.dtype)
     else:
@@ -160,12 +269,14 @@ def fit(
             raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
         w = np.array(w0, dtype=X.dtype)
     loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads)
-    history = _History(callback)
+    history = _History(callback, resume, checkpoint_every, on_checkpoint)
+    if history.n_iterations >= iterations:  # resumed at or past the end: nothing left
+        return history.result(w, float(b0), "iterations")
     if optimizer == "lbfgs":
         return _lbfgs(loss, w, float(b0), l2, iterations, tol, history)
     assert learning_rate is not None  # checked above
     if optimizer == "nesterov":
-        return _nesterov(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
+        return _nesterov(loss, w, float(b0), l2, learning_rate, iterations, tol, history, momentum)
     return _gradient_descent(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
 
 
@@ -186,11 +297,11 @@ def _gradient_descent(
 ) -> FitResult:
     rise_rtol = _rise_rtol(loss)
     cost, dw, db = loss(w, b, l2)
-    history.record(cost, dw, db)
-    initial = cost
+    history.start(cost, dw, db)
+    initial = history.costs[0]
     stop_reason: StopReason = "iterations"
-    rises = 0
-    for _ in range(iterations):
+    rises = history.trailing_rises(rise_rtol)
+    for _ in range(iterations - history.n_iterations):
         w -= learning_rate * dw
         b -= learning_rate * db
         previous = cost
@@ -206,6 +317,7 @@ def _gradient_descent(
         if abs(cost - previous) < tol:
             stop_reason = "tolerance"
             break
+        history.checkpoint("gd", w, b)
     return history.result(w, b, stop_reason)
 
 
@@ -218,6 +330,7 @@ def _nesterov(
     iterations: int,
     tol: float,
     history: _History,
+    momentum_state: dict[str, FloatArray | float],
 ) -> FitResult:
     """Accelerated gradient (FISTA's momentum schedule) with function-value restart.
 
@@ -231,13 +344,17 @@ def _nesterov(
     """
     rise_rtol = _rise_rtol(loss)
     v, c = w, b  # the evaluation point (v, c); (w, b) is the last gradient step
-    cost, dw, db = loss(v, c, l2)
-    history.record(cost, dw, db)
-    initial = cost
     t = 1.0
+    if momentum_state:
+        w = np.array(momentum_state["w_step"], dtype=v.dtype)
+        b = float(momentum_state["b_step"])
+        t = float(momentum_state["t"])
+    cost, dw, db = loss(v, c, l2)
+    history.start(cost, dw, db)
+    initial = history.costs[0]
     stop_reason: StopReason = "iterations"
-    rises = 0
-    for _ in range(iterations):
+    rises = history.trailing_rises(rise_rtol)
+    for _ in range(iterations - history.n_iterations):
         w_next = v - learning_rate * dw
         b_next = c - learning_rate * db
         previous = cost
@@ -260,6 +377,7 @@ def _nesterov(
         if abs(cost - previous) < tol:
             stop_reason = "tolerance"
             break
+        history.checkpoint("nesterov", v, c, {"w_step": w, "b_step": b, "t": t})
     return history.result(v, c, stop_reason)
 
 
@@ -301,13 +419,14 @@ def _lbfgs(
         return cost, dw, db
 
     theta0 = np.concatenate([w.ravel().astype(np.float64), [b]])
-    history.record(*evaluated_at(theta0))
+    history.start(*evaluated_at(theta0))
     accepted = [theta0]
 
     def on_iteration(intermediate_result: scipy.optimize.OptimizeResult) -> None:
         theta = np.asarray(intermediate_result.x, dtype=np.float64)
         accepted.append(theta.copy())
         history.record(*evaluated_at(theta))
+        history.checkpoint("lbfgs", theta[:n].reshape(n, 1).astype(dtype), float(theta[n]))
 
     result = scipy.optimize.minimize(
         objective,
@@ -316,7 +435,7 @@ def _lbfgs(
         jac=True,
         callback=on_iteration,
         options={
-            "maxiter": iterations,
+            "maxiter": max(1, iterations - history.n_iterations),
             "maxfun": max(15_000, 20 * iterations),
             "ftol": tol,
             # Our only convergence rule is on the cost, as for the other solvers.
