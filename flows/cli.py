@@ -59,6 +59,12 @@ def train(
     threads: Annotated[
         int | None, typer.Option(help="Kernel threads [default: the available cores].")
     ] = None,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Save a checkpoint every N iterations (0: never).")
+    ] = 1000,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the output directory's checkpoint.")
+    ] = False,
     standardize: Annotated[
         bool, typer.Option("--standardize/--no-standardize", help="Train on standardized features.")
     ] = True,
@@ -77,6 +83,8 @@ def train(
         tol=tol,
         optimizer=optimizer,  # type: ignore[arg-type]  # validated by the model
         threads=threads,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         standardize=standardize,
         dtype=dtype,  # type: ignore[arg-type]  # validated by the model
     )

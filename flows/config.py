@@ -32,6 +32,12 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, description="Kernel threads (default: the cores this process may use)."
     )
+    checkpoint_every: int = Field(
+        default=1000, ge=0, description="Save a checkpoint every N iterations (0: never)."
+    )
+    resume: bool = Field(
+        default=False, description="Continue from the output directory's checkpoint."
+    )
     standardize: bool = Field(default=True, description="Train on standardized features.")
     dtype: Literal["float64", "float32"] = Field(default="float64")
 

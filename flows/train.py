@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
+from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
@@ -59,8 +60,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
-    """Train on a loaded dataset; a diverged run raises instead of returning garbage."""
+def fit_dataset(dataset: Dataset, config: TrainConfig, run_id: str | None = None) -> FitResult:
+    """Train on a loaded dataset; a diverged run raises instead of returning garbage.
+
+    Checkpoints go to the output directory every ``config.checkpoint_every``
+    iterations; a matching one is continued when ``config.resume`` is set or when
+    this same run (``run_id``) wrote it, as when Prefect retries the fit task.
+    """
+    path = checkpoint_path(config)
+    key = checkpoint_key(dataset, config)
+    resume = state_to_resume(path, key, resume=config.resume, run_id=run_id)
     # The kernel splits X's blocks over its own threads, each calling BLAS on
     # cache-sized blocks; a multi-threaded BLAS under them would oversubscribe
     # the cores and stall on every small call (benchmarks/RESULTS.md).
@@ -74,8 +83,12 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
             tol=config.tol,
             optimizer=config.optimizer,
             n_threads=config.threads or available_cores(),
+            resume=resume,
+            checkpoint_every=config.checkpoint_every,
+            on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
         )
     if result.stop_reason == "diverged":
+        path.unlink(missing_ok=True)  # continuing a diverging run would only diverge again
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "
             f"(cost {result.cost_history[-1]:.6g}, started at {result.cost_history[0]:.6g}): "
@@ -103,9 +116,16 @@ def load_data(config: TrainConfig) -> Dataset:
     )
 
 
-@task(name="fit", cache_policy=NO_CACHE)
+# A retry continues from this run's last checkpoint; divergence is never retried.
+@task(
+    name="fit",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_bad_input,
+    cache_policy=NO_CACHE,
+)
 def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
-    return fit_dataset(dataset, config)
+    return fit_dataset(dataset, config, run_id=str(flow_run.id) if flow_run.id else None)
 
 
 @task(
@@ -145,6 +165,7 @@ def train(config: TrainConfig) -> TrainSummary:
         result.cost_history[-1],
     )
     files = write_outputs(dataset, result, config, started_at)
+    checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],

@@ -1,0 +1,118 @@
+"""Checkpoints of a training run: saved atomically beside the outputs, resumed only on a match."""
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.config import TrainConfig
+from flows.dataset import Dataset
+from flows.errors import DataError
+from lr_kernel import TrainState
+
+CHECKPOINT_NAME = ".lrflow-checkpoint.npz"
+
+
+def checkpoint_path(config: TrainConfig) -> Path:
+    return Path(config.output) / CHECKPOINT_NAME
+
+
+def checkpoint_key(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be continued: the data and the objective."""
+    return {
+        "input_fingerprint": dataset.fingerprint,
+        "features": list(dataset.features),
+        "label": dataset.label,
+        "positive_label": str(dataset.label_mapping.positive),
+        "standardize": config.standardize,
+        "dtype": config.dtype,
+        "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "l2": config.l2,
+    }
+
+
+def save_checkpoint(path: Path, state: TrainState, key: dict[str, Any], run_id: str | None) -> None:
+    """Write ``state`` to ``path`` whole or not at all (temporary name, fsync, rename)."""
+    arrays = {k: np.asarray(v) for k, v in state.momentum.items() if isinstance(v, np.ndarray)}
+    scalars = {k: float(v) for k, v in state.momentum.items() if not isinstance(v, np.ndarray)}
+    meta = {
+        "key": key,
+        "run_id": run_id,
+        "optimizer": state.optimizer,
+        "iteration": state.iteration,
+        "b": state.b,
+        "momentum_scalars": scalars,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            np.savez(
+                handle,
+                meta=np.array(json.dumps(meta)),
+                w=state.w,
+                cost_history=state.cost_history,
+                gradient_norm_history=state.gradient_norm_history,
+                **{f"momentum_{k}": v for k, v in arrays.items()},
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any], str | None]:
+    """The state, key and run id saved at ``path``; DataError if it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            momentum: dict[str, Any] = dict(meta["momentum_scalars"])
+            momentum |= {
+                name.removeprefix("momentum_"): saved[name]
+                for name in saved.files
+                if name.startswith("momentum_")
+            }
+            state = TrainState(
+                optimizer=meta["optimizer"],
+                iteration=int(meta["iteration"]),
+                w=saved["w"],
+                b=float(meta["b"]),
+                cost_history=saved["cost_history"],
+                gradient_norm_history=saved["gradient_norm_history"],
+                momentum=momentum,
+            )
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(
+            f"checkpoint cannot be read ({error}); delete it or run without --resume", path=path
+        ) from None
+    return state, meta["key"], meta["run_id"]
+
+
+def state_to_resume(
+    path: Path, key: dict[str, Any], *, resume: bool, run_id: str | None
+) -> TrainState | None:
+    """The checkpoint to continue from, if any.
+
+    A checkpoint is continued when asked (``--resume``) or when it was written by
+    this same flow run (a Prefect retry of the fit task); otherwise a new run
+    starts from scratch and overwrites it. One made for other data or another
+    objective is refused, never silently continued.
+    """
+    if not path.exists():
+        return None
+    state, saved_key, saved_run = load_checkpoint(path)
+    if not resume and (run_id is None or saved_run != run_id):
+        return None
+    differences = sorted(k for k in key.keys() | saved_key.keys() if key.get(k) != saved_key.get(k))
+    if differences:
+        raise DataError(
+            f"checkpoint was made for a different {', '.join(differences)}; "
+            "delete it or run without --resume",
+            path=path,
+        )
+    return state
