@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.artifacts import publish_run_artifacts, training_progress, write_cost_curve
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
@@ -49,7 +51,9 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(state.data, LrflowError)
 
 
-def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
+def fit_dataset(
+    dataset: Dataset, config: TrainConfig, callback: Callable[[int, float], None] | None = None
+) -> FitResult:
     """Train on a loaded dataset; a diverged run raises instead of returning garbage."""
     result = fit(
         dataset.X,
@@ -58,6 +62,7 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
         iterations=config.iterations,
         l2=config.l2,
         tol=config.tol,
+        callback=callback,
     )
     if result.stop_reason == "diverged":
         raise DivergedError(
@@ -89,7 +94,8 @@ def load_data(config: TrainConfig) -> Dataset:
 
 @task(name="fit", cache_policy=NO_CACHE)
 def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
-    return fit_dataset(dataset, config)
+    with training_progress(config.iterations) as on_update:
+        return fit_dataset(dataset, config, callback=on_update)
 
 
 @task(
@@ -102,8 +108,26 @@ def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
 def write_outputs(
     dataset: Dataset, result: FitResult, config: TrainConfig, started_at: datetime
 ) -> list[Path]:
-    return write_run_outputs(
+    files = write_run_outputs(
         Path(config.output), dataset, result, config, started_at=started_at, run_id=flow_run.id
+    )
+    return [*files, write_cost_curve(result.cost_history, Path(config.output))]
+
+
+@task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def publish_artifacts(
+    dataset: Dataset, result: FitResult, config: TrainConfig, files: list[Path], seconds: float
+) -> None:
+    publish_run_artifacts(
+        config=config,
+        files=dataset.files,
+        n_examples=dataset.n_examples,
+        features=dataset.features,
+        cost_history=result.cost_history,
+        n_iterations=result.n_iterations,
+        stop_reason=result.stop_reason,
+        seconds=seconds,
+        outputs=files,
     )
 
 
@@ -129,6 +153,7 @@ def train(config: TrainConfig) -> TrainSummary:
         result.cost_history[-1],
     )
     files = write_outputs(dataset, result, config, started_at)
+    publish_artifacts(dataset, result, config, files, time.perf_counter() - clock)
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],
