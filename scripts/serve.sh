@@ -24,11 +24,20 @@ if healthy; then
     exit 2
 fi
 
+# Children get their own process groups (set -m), so Ctrl-C reaches only this
+# script, which stops them in order: the worker first (it reports to the server
+# on its way out), then the server.
+set -m
 started=()
 stop() {
     trap - EXIT INT TERM
-    for pid in "${started[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    local i pid
+    for ((i = ${#started[@]} - 1; i >= 0; i--)); do
+        pid=${started[i]}
+        kill -INT "$pid" 2>/dev/null || continue
+        for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
     echo "stopped the worker and the server"
 }
 trap stop EXIT INT TERM
