@@ -11,7 +11,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.artifacts import publish_run_artifacts, training_progress, write_cost_curve
+from flows.artifacts import (
+    publish_run_artifacts,
+    start_importing_matplotlib,
+    training_progress,
+    write_cost_curve,
+)
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
@@ -136,6 +141,7 @@ def train(config: TrainConfig) -> TrainSummary:
     """Train logistic regression on Parquet data and write params, cost history and metrics."""
     logger = get_run_logger()
     logger.info("config: %s", config.model_dump_json())
+    start_importing_matplotlib()  # for cost_history.png, overlapping the work below
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
     dataset = load_data(config)
