@@ -255,3 +255,31 @@ def test_prefect_deploy_all_creates_the_scheduled_deployment(prefect_api):
             client.create_flow_run_from_deployment(
                 deployment.id, parameters={"config": {"data": "d", "output": "o", "iterations": 0}}
             )
+
+
+def test_the_cli_progress_bar_appears_only_on_a_terminal_after_the_delay():
+    from rich.console import Console
+
+    from flows.cli import LongRunProgressBar
+
+    for terminal, delay, shows in [(True, 0.0, True), (False, 0.0, False), (True, 3600.0, False)]:
+        stream = io.StringIO()
+        bar = LongRunProgressBar(delay, Console(file=stream, force_terminal=terminal, width=100))
+        bar(1, 10, 0.69)
+        bar(10, 10, float("nan"))
+        bar.close()
+        assert ("training" in stream.getvalue()) is shows, (terminal, delay)
+
+
+def test_the_fit_task_reports_progress_to_a_local_listener(prefect_api, sample_file, tmp_path):
+    from flows.train import train
+
+    calls = []
+    token = artifacts.progress_listener.set(lambda i, total, cost: calls.append((i, total, cost)))
+    try:
+        summary = train(TrainConfig(data=str(sample_file), output=str(tmp_path), iterations=50))
+    finally:
+        artifacts.progress_listener.reset(token)
+    assert calls[0][:2] == (0, 50)  # the initial cost, reported as it is computed
+    assert calls[-1][:2] == (50, 50) and np.isnan(calls[-1][2])  # the closing call
+    assert len(calls) <= summary.n_iterations + 2
