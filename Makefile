@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export PREFECT_HOME ?= $(CURDIR)/.venv/prefect-home
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean serve ui-check
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# A local Prefect server + work pool + deployments + worker; Ctrl-C stops them.
+serve: setup
+	scripts/serve.sh
+
+# Needs Chromium (apt-get install -y chromium); kept out of `make test` for that reason.
+ui-check: setup
+	$(BIN)/python scripts/ui_check.py --out docs
 
 bench: setup
 	$(BIN)/python benchmarks/run.py --quick

@@ -1,8 +1,10 @@
 """The `lrflow` command line: validates everything cheap, then runs the Prefect flows."""
 
+import math
 import os
 import sys
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -97,9 +99,16 @@ def train(
 
     # A batch job has no business phoning home; an explicit setting still wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.artifacts import progress_listener
     from flows.train import train as train_flow
 
-    summary = train_flow(config)
+    bar = LongRunProgressBar()
+    token = progress_listener.set(bar)
+    try:
+        summary = train_flow(config)
+    finally:
+        progress_listener.reset(token)
+        bar.close()
     typer.echo(
         f"trained on {summary.n_examples} examples x {summary.n_features} features: "
         f"{summary.n_iterations} iterations ({summary.stop_reason}), "
@@ -107,6 +116,85 @@ def train(
     )
     for path in summary.files:
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    deployment: Annotated[
+        str,
+        typer.Option(help="Train deployment of prefect.yaml whose schedule and parameters to use."),
+    ] = "nightly",
+    file: Annotated[str, typer.Option(help="The prefect.yaml to read.")] = "prefect.yaml",
+) -> None:
+    """Run a prefect.yaml train deployment from this process: no work pool, no worker.
+
+    Registers the deployment as `train/<deployment>-serve` with the same schedule,
+    parameters and concurrency limit, then runs its flow runs until Ctrl-C. Runs
+    show in the UI of the server PREFECT_API_URL points at.
+    """
+    from pathlib import Path
+
+    from flows.serve import train_deployment
+
+    spec = train_deployment(Path(file), deployment)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.schedules import Cron
+
+    from flows.train import train as train_flow
+
+    train_flow.serve(
+        name=f"{spec.name}-serve",
+        schedules=[Cron(s.cron, timezone=s.timezone, active=s.active) for s in spec.schedules],
+        parameters=spec.parameters,
+        global_limit=spec.concurrency_limit,
+        description=spec.description,
+        tags=list(spec.tags),
+    )
+
+
+class LongRunProgressBar:
+    """A progress bar on standard error for training that runs long; silent otherwise.
+
+    It appears only once training has run ``delay_seconds`` and only on a
+    terminal, so short runs and logs stay as they were.
+    """
+
+    def __init__(self, delay_seconds: float = 2.0, console: Any = None) -> None:
+        from rich.console import Console
+
+        self._console = console if console is not None else Console(stderr=True)
+        self._delay = delay_seconds
+        self._started_at: float | None = None
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __call__(self, iteration: int, total: int, cost: float) -> None:
+        now = time.monotonic()
+        if self._started_at is None:
+            self._started_at = now
+        if self._progress is None:
+            if now - self._started_at < self._delay or not self._console.is_terminal:
+                return
+            from rich import progress
+
+            self._progress = progress.Progress(
+                progress.TextColumn("training"),
+                progress.BarColumn(),
+                progress.MofNCompleteColumn(),
+                progress.TextColumn("cost {task.fields[cost]}"),
+                progress.TimeRemainingColumn(),
+                console=self._console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("fit", total=total, cost="")
+        shown = "" if math.isnan(cost) else f"{cost:.6g}"  # NaN: the closing call
+        self._progress.update(self._task, completed=iteration, cost=shown)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def _check_output(output: str) -> None:

@@ -3,6 +3,7 @@
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,6 +13,12 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
+from flows.artifacts import (
+    publish_run_artifacts,
+    start_importing_matplotlib,
+    training_progress,
+    write_cost_curve,
+)
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
@@ -60,7 +67,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fit_dataset(dataset: Dataset, config: TrainConfig, run_id: str | None = None) -> FitResult:
+def fit_dataset(
+    dataset: Dataset,
+    config: TrainConfig,
+    run_id: str | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> FitResult:
     """Train on a loaded dataset; a diverged run raises instead of returning garbage.
 
     Checkpoints go to the output directory every ``config.checkpoint_every``
@@ -81,6 +93,7 @@ def fit_dataset(dataset: Dataset, config: TrainConfig, run_id: str | None = None
             iterations=config.iterations,
             l2=config.l2,
             tol=config.tol,
+            callback=callback,
             optimizer=config.optimizer,
             n_threads=config.threads or available_cores(),
             resume=resume,
@@ -125,7 +138,9 @@ def load_data(config: TrainConfig) -> Dataset:
     cache_policy=NO_CACHE,
 )
 def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
-    return fit_dataset(dataset, config, run_id=str(flow_run.id) if flow_run.id else None)
+    run_id = str(flow_run.id) if flow_run.id else None
+    with training_progress(config.iterations) as on_update:
+        return fit_dataset(dataset, config, run_id=run_id, callback=on_update)
 
 
 @task(
@@ -138,8 +153,26 @@ def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
 def write_outputs(
     dataset: Dataset, result: FitResult, config: TrainConfig, started_at: datetime
 ) -> list[Path]:
-    return write_run_outputs(
+    files = write_run_outputs(
         Path(config.output), dataset, result, config, started_at=started_at, run_id=flow_run.id
+    )
+    return [*files, write_cost_curve(result.cost_history, Path(config.output))]
+
+
+@task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def publish_artifacts(
+    dataset: Dataset, result: FitResult, config: TrainConfig, files: list[Path], seconds: float
+) -> None:
+    publish_run_artifacts(
+        config=config,
+        files=dataset.files,
+        n_examples=dataset.n_examples,
+        features=dataset.features,
+        cost_history=result.cost_history,
+        n_iterations=result.n_iterations,
+        stop_reason=result.stop_reason,
+        seconds=seconds,
+        outputs=files,
     )
 
 
@@ -148,6 +181,7 @@ def train(config: TrainConfig) -> TrainSummary:
     """Train logistic regression on Parquet data and write params, cost history and metrics."""
     logger = get_run_logger()
     logger.info("config: %s", config.model_dump_json())
+    start_importing_matplotlib()  # for cost_history.png, overlapping the work below
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
     dataset = load_data(config)
@@ -166,6 +200,7 @@ def train(config: TrainConfig) -> TrainSummary:
     )
     files = write_outputs(dataset, result, config, started_at)
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
+    publish_artifacts(dataset, result, config, files, time.perf_counter() - clock)
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],

@@ -1,0 +1,344 @@
+"""What a train run shows in the Prefect UI: plain functions build it, thin calls publish it.
+
+Every artifact has a fixed lowercase-dash key, so the UI groups the versions of
+one artifact across runs (Artifacts page -> key -> history).
+
+Pictures: Prefect's image artifact takes only a URL, and the UI prints that URL
+under the image (a base64 ``data:`` URI is tens of kilobytes of text). A
+markdown artifact whose image is a ``data:`` URI renders the same picture
+cleanly in both the V1 and the V2 UI, needs no file server, and survives the
+output directory being moved, so the cost curve is published that way
+(checked in headless Chromium by ``scripts/ui_check.py``).
+"""
+
+import base64
+import contextvars
+import io
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from flows.config import TrainConfig
+
+PROGRESS_KEY = "train-progress"
+PARAMETERS_KEY = "train-parameters"
+REPORT_KEY = "train-report"
+COST_CURVE_KEY = "train-cost-curve"
+OUTPUT_LINK_KEY_PREFIX = "train-output-"
+COST_CURVE_FILE = "cost_history.png"
+
+# The line colour of the cost curve; the UI check looks for these pixels.
+COST_CURVE_COLOR = "#1f77b4"
+
+# (iteration, total iterations, cost) -> None: a local listener of training progress
+# (the CLI's progress bar). Called at most every LISTENER_SECONDS.
+ProgressListener = Callable[[int, int, float], None]
+progress_listener: contextvars.ContextVar[ProgressListener | None] = contextvars.ContextVar(
+    "lrflow_progress_listener", default=None
+)
+LISTENER_SECONDS = 0.1
+
+
+# --- plain functions: the content -----------------------------------------------------------
+
+
+class ProgressThrottle:
+    """Which iterations of a training loop are worth a progress update.
+
+    An update is an HTTP call to the Prefect API (milliseconds), an iteration of a
+    small problem takes microseconds: so an update is due only when the progress
+    has crossed the next of ``steps`` equal milestones *and* ``min_seconds`` have
+    passed since the last one. A long run gets ``steps`` updates; a run that
+    finishes in a second gets one or two and pays nothing for the rest.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        steps: int = 20,
+        min_seconds: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if total < 1 or steps < 1:
+            raise ValueError(f"total and steps must be >= 1, got {total} and {steps}")
+        self.total = total
+        self.steps = steps
+        self.min_seconds = min_seconds
+        self._clock = clock
+        self._last_time = clock()
+        self._next_step = 1
+
+    def percent(self, iteration: int) -> float:
+        return 100.0 * min(iteration, self.total) / self.total
+
+    def due(self, iteration: int) -> bool:
+        """True when ``iteration`` (1-based) should be reported; advances the milestones."""
+        step = math.floor(self.steps * min(iteration, self.total) / self.total)
+        if step < self._next_step:
+            return False
+        now = self._clock()
+        if now - self._last_time < self.min_seconds:
+            return False
+        self._last_time = now
+        self._next_step = step + 1
+        return True
+
+
+def start_importing_matplotlib() -> None:
+    """Import matplotlib on a background thread, so the picture is cheap when it is drawn.
+
+    The import takes about half a second of a run that otherwise waits on the
+    Prefect API and on BLAS, so it overlaps with loading and training instead of
+    adding to the wall time; ``cost_curve_png`` simply finds the modules imported
+    (Python's import lock makes it wait if the thread is not done yet).
+    """
+    threading.Thread(target=_import_matplotlib, name="import-matplotlib", daemon=True).start()
+
+
+def _import_matplotlib() -> None:
+    import matplotlib.backends.backend_agg
+    import matplotlib.figure  # noqa: F401
+
+
+def cost_curve_png(cost_history: Sequence[float] | np.ndarray) -> bytes:
+    """The cost against the iteration as a PNG (matplotlib's Agg canvas, no pyplot state).
+
+    Parameters
+    ----------
+    cost_history : array-like of shape (n_iterations + 1,)
+        ``cost_history[i]`` is the cost before update ``i + 1``.
+    """
+    # Imported here: matplotlib takes about half a second to import, which only
+    # the runs that draw should pay.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cost = np.asarray(cost_history, dtype=np.float64)
+    figure = Figure(figsize=(7.0, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(np.arange(cost.size), cost, color=COST_CURVE_COLOR, linewidth=2)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("cost J")
+    axes.set_title(f"cost: {cost[0]:.6g} -> {cost[-1]:.6g} in {cost.size - 1} iterations")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    # No "Software"/date chunks: the same history gives the same bytes.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> Path:
+    """Write ``data`` to ``path`` whole or not at all (temporary name, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_cost_curve(cost_history: Sequence[float] | np.ndarray, output: Path) -> Path:
+    """Draw the cost curve and write it as ``cost_history.png`` in ``output``."""
+    return write_bytes_atomic(cost_curve_png(cost_history), output / COST_CURVE_FILE)
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def cost_curve_markdown(png: bytes, *, n_iterations: int, final_cost: float) -> str:
+    """A markdown page that is the picture (inlined as a data: URI) and one line under it."""
+    return (
+        "# Cost curve\n\n"
+        f"![cost against iteration]({png_data_uri(png)})\n\n"
+        f"{n_iterations} iterations, final cost {final_cost:.6g}.\n"
+    )
+
+
+def parameter_rows(params_path: Path) -> list[dict[str, Any]]:
+    """The rows of a written ``params.parquet``: ``{"term": str, "estimate": float}``."""
+    return pq.read_table(params_path, columns=["term", "estimate"]).to_pylist()
+
+
+def metric_rows(metrics_path: Path) -> list[dict[str, Any]]:
+    """The rows of a written ``metrics.parquet``: ``{"split", "metric", "value"}``."""
+    return pq.read_table(metrics_path, columns=["split", "metric", "value"]).to_pylist()
+
+
+def output_link_key(path: Path) -> str:
+    """``params.parquet`` -> ``train-output-params-parquet`` (lowercase letters, digits, dashes)."""
+    stem = "".join(c if c.isalnum() else "-" for c in path.name.lower())
+    return OUTPUT_LINK_KEY_PREFIX + "-".join(part for part in stem.split("-") if part)
+
+
+def _cell(value: object) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(
+    *,
+    config: TrainConfig,
+    files: Sequence[Path],
+    n_examples: int,
+    features: Sequence[str],
+    n_iterations: int,
+    stop_reason: str,
+    final_cost: float,
+    metrics: Sequence[Mapping[str, Any]],
+    seconds: float,
+    outputs: Sequence[Path],
+) -> str:
+    """The run's report: data, config, how training went, metrics, wall time, outputs."""
+    config_rows = [(name, value) for name, value in config.model_dump(mode="json").items()]
+    sections = [
+        "# Training report",
+        "## Data",
+        _table(
+            ["", ""],
+            [
+                ("files", len(files)),
+                ("rows", n_examples),
+                ("features", f"{len(features)}: {', '.join(features)}"),
+            ],
+        ),
+        "\n".join(f"- `{path}`" for path in files),
+        "## Training",
+        _table(
+            ["", ""],
+            [
+                ("iterations run", n_iterations),
+                ("stop reason", stop_reason),
+                ("final cost", float(final_cost)),
+                ("wall time (s)", round(float(seconds), 3)),
+            ],
+        ),
+        "## Metrics",
+        _table(
+            ["split", "metric", "value"], [(r["split"], r["metric"], r["value"]) for r in metrics]
+        ),
+        "## Config",
+        _table(["parameter", "value"], config_rows),
+        "## Outputs",
+        "\n".join(f"- `{path}`" for path in outputs),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+# --- thin Prefect calls: publishing ---------------------------------------------------------
+
+
+@contextmanager
+def training_progress(total: int) -> Iterator[Callable[[int, float], None]]:
+    """A ``fit(..., callback=...)`` that publishes the ``train-progress`` artifact.
+
+    The artifact is created at 0 % and set to 100 % when training ends normally;
+    in between, :class:`ProgressThrottle` picks the updates. A local listener
+    (``progress_listener``) is told at most every ``LISTENER_SECONDS``.
+    """
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact_id = create_progress_artifact(
+        0.0, key=PROGRESS_KEY, description=f"Gradient-descent updates done, of at most {total}."
+    )
+    throttle = ProgressThrottle(total)
+    listener = progress_listener.get()
+    listener_due = 0.0
+
+    def on_update(iteration: int, cost: float) -> None:
+        nonlocal listener_due
+        if throttle.due(iteration):
+            update_progress_artifact(artifact_id, throttle.percent(iteration))
+        if listener is not None:
+            now = time.monotonic()
+            if now >= listener_due:
+                listener_due = now + LISTENER_SECONDS
+                listener(iteration, total, cost)
+
+    yield on_update
+    update_progress_artifact(artifact_id, 100.0)
+    if listener is not None:
+        listener(total, total, math.nan)
+
+
+def publish_run_artifacts(
+    *,
+    config: TrainConfig,
+    files: Sequence[Path],
+    n_examples: int,
+    features: Sequence[str],
+    cost_history: Sequence[float] | np.ndarray,
+    n_iterations: int,
+    stop_reason: str,
+    seconds: float,
+    outputs: Sequence[Path],
+) -> None:
+    """Create the parameter table, the report, the cost curve and one link per output file."""
+    from prefect.artifacts import (
+        create_link_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
+
+    by_name = {path.name: path for path in outputs}
+    final_cost = float(cost_history[-1])
+    if "params.parquet" in by_name:
+        create_table_artifact(
+            parameter_rows(by_name["params.parquet"]),
+            key=PARAMETERS_KEY,
+            description="Estimates on the raw feature scale, as in params.parquet.",
+        )
+    metrics = metric_rows(by_name["metrics.parquet"]) if "metrics.parquet" in by_name else []
+    create_markdown_artifact(
+        report_markdown(
+            config=config,
+            files=files,
+            n_examples=n_examples,
+            features=features,
+            n_iterations=n_iterations,
+            stop_reason=stop_reason,
+            final_cost=final_cost,
+            metrics=metrics,
+            seconds=seconds,
+            outputs=outputs,
+        ),
+        key=REPORT_KEY,
+        description=f"{n_iterations} iterations ({stop_reason}), final cost {final_cost:.6g}",
+    )
+    curve = by_name.get(COST_CURVE_FILE)
+    png = curve.read_bytes() if curve is not None else cost_curve_png(cost_history)
+    create_markdown_artifact(
+        cost_curve_markdown(png, n_iterations=n_iterations, final_cost=final_cost),
+        key=COST_CURVE_KEY,
+        description="The cost at each iteration (also written as cost_history.png).",
+    )
+    for path in outputs:
+        create_link_artifact(
+            path.resolve().as_uri(),
+            link_text=str(path),
+            key=output_link_key(path),
+            description=f"Output file {path.name}",
+        )
