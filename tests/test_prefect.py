@@ -163,13 +163,12 @@ def _artifacts_of(flow_run_id):
 
 
 def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path):
-    from prefect.artifacts import Artifact
-
-    from flows.train import fit_model, load_data, train
-
     from types import SimpleNamespace
 
+    from prefect.artifacts import Artifact
+
     from flows.errors import DivergedError
+    from flows.train import fit_model, load_data, train
 
     # The fit task retries (from its checkpoint) after a lost worker, never after divergence.
     assert load_data.retries > 0 and fit_model.retries > 0
