@@ -1,10 +1,12 @@
 """Parquet -> Dataset: find the files, validate schema and values, build the (n, m) matrix."""
 
+import fnmatch
 import glob
 import hashlib
 import math
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -69,22 +71,63 @@ class Dataset:
 
 
 def resolve_files(data: str | Path) -> tuple[Path, ...]:
-    """The Parquet files that ``data`` names: a file, a directory (recursive) or a glob."""
+    """The Parquet files that ``data`` names: a file, a directory (recursive) or a glob.
+
+    In a directory, names starting with ``.`` or ``_`` (and everything below such
+    a directory) are skipped, as Spark and pyarrow do: they hold other writers'
+    in-progress files (``_temporary/``, hidden staging) and metadata (``_SUCCESS``).
+    """
     text = str(data)
+    if not text.strip():
+        raise DataError("empty data path", path=repr(text))
     path = Path(text)
     if path.is_file():
         return (path,)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        files = _parquet_files_below(path)
         if not files:
             raise DataError("directory holds no *.parquet files", path=path)
-        return tuple(files)
+        return files
+    if path.is_symlink():
+        raise DataError("broken symbolic link", path=path)
+    if path.exists():
+        raise DataError("not a regular file or directory", path=path)
     if glob.has_magic(text):
         files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not files:
             raise DataError("no file matches this pattern", path=text)
         return tuple(files)
     raise DataError("no such file or directory", path=path)
+
+
+def _parquet_files_below(root: Path) -> tuple[Path, ...]:
+    """Every ``*.parquet`` regular file below ``root``, sorted; unreadable parts are errors.
+
+    ``os.walk`` rather than ``Path.rglob``: rglob skips a directory it may not
+    read without a word, which would train on part of the data.
+    """
+
+    def refuse(error: OSError) -> None:
+        raise DataError(f"cannot list directory ({error.strerror})", path=error.filename)
+
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for directory, subdirectories, names in os.walk(root, onerror=refuse, followlinks=True):
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen:  # a symbolic link loop
+            subdirectories.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subdirectories[:] = [d for d in subdirectories if not d.startswith((".", "_"))]
+        for name in names:
+            if name.startswith((".", "_")) or not name.endswith(".parquet"):
+                continue
+            path = Path(directory, name)
+            if path.is_file():
+                found.append(path)
+            elif path.is_symlink() and not path.exists():
+                raise DataError("broken symbolic link", path=path)
+    return tuple(sorted(found))
 
 
 def read_schema(path: Path) -> dict[str, pl.DataType]:
@@ -124,6 +167,8 @@ def plan_inputs(
         for name in other.keys() - schema.keys():
             raise DataError(f"present here but missing in {files[0]}", path=path, column=name)
     where = files[0] if len(files) == 1 else str(data)
+    if not schema:
+        raise DataError("file has no columns", path=files[0])
     if label not in schema:
         raise DataError(f"label column not found (columns: {_names(schema)})", path=where)
     if features is None:
@@ -150,7 +195,70 @@ def plan_inputs(
                     path=where,
                     column=name,
                 )
+    check_label_dtype(schema[label], label, where)
+    check_distinct_features(chosen, where)
     return InputPlan(files=files, features=chosen, label=label, schema=schema)
+
+
+# Label types with an order and an equality that map two values onto 0/1; nested,
+# binary and untyped columns have neither that Polars can use here.
+LABEL_DTYPES = "boolean, integer, float, decimal, string, categorical, date or time"
+
+
+def check_label_dtype(dtype: pl.DataType, label: str, where: Path | str) -> None:
+    """Refuse label types that cannot hold a two-valued class (lists, structs, bytes, nulls)."""
+    if dtype == pl.Null:
+        raise DataError("label holds only null values", path=where, column=label)
+    usable = (
+        dtype.is_numeric()
+        or dtype.is_temporal()
+        or dtype in (pl.Boolean, pl.String)
+        or isinstance(dtype, (pl.Categorical, pl.Enum))
+    )
+    if not usable:
+        raise DataError(f"label has type {dtype}, not {LABEL_DTYPES}", path=where, column=label)
+
+
+def check_distinct_features(features: tuple[str, ...], where: Path | str) -> None:
+    """Each feature once: a repeated column would be a singular, duplicated row of ``X``."""
+    seen: set[str] = set()
+    for name in features:
+        if name in seen:
+            raise DataError("feature is listed twice", path=where, column=name)
+        seen.add(name)
+
+
+def check_output_location(data: str | Path, output: str | Path) -> None:
+    """The output directory must not be where ``data`` finds its inputs.
+
+    Results written below a data directory (or where a data glob matches) would
+    be read back as training data by the next run.
+    """
+    text = str(data)
+    target = Path(output).absolute()
+    source = Path(text)
+    if source.is_dir():
+        root = source.absolute()
+        if target == root or root in target.parents:
+            raise DataError(
+                f"output directory lies inside the data directory {text}; "
+                "the next run would read its results as training data",
+                path=output,
+            )
+    elif glob.has_magic(text) and not source.is_file():
+        probe = target / "params.parquet"
+        pattern = str(Path(text).absolute())
+        matches = (
+            fnmatch.fnmatchcase(str(probe), pattern)
+            if "**" in text
+            else PurePath(probe).match(pattern)
+        )
+        if matches:
+            raise DataError(
+                f"data pattern {text} matches this output directory's files; "
+                "the next run would read its results as training data",
+                path=output,
+            )
 
 
 def validate_values(
@@ -167,7 +275,7 @@ def validate_values(
     checks += [pl.col(name).null_count().alias(f"null:{name}") for name in columns]
     checks += [
         (pl.col(name).is_nan() | pl.col(name).is_infinite()).sum().alias(f"nonfinite:{name}")
-        for name in plan.features
+        for name in columns
         if plan.schema[name].is_float()
     ]
     label = pl.col(plan.label).drop_nulls()
