@@ -11,10 +11,11 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import TrainConfig
-from flows.dataset import Dataset, load_dataset, plan_inputs
+from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
 from flows.outputs import write_run_outputs
 from lr_kernel import FitResult, fit
+from lr_kernel.stepsize import stable_learning_rate
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
@@ -51,21 +52,31 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
     """Train on a loaded dataset; a diverged run raises instead of returning garbage."""
+    learning_rate = resolve_learning_rate(dataset, config)
     result = fit(
         dataset.X,
         dataset.Y,
-        learning_rate=config.learning_rate,
+        learning_rate=learning_rate,
         iterations=config.iterations,
         l2=config.l2,
         tol=config.tol,
     )
     if result.stop_reason == "diverged":
+        stable = stable_learning_rate(dataset.X, config.l2)
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "
             f"(cost {result.cost_history[-1]:.6g}, started at {result.cost_history[0]:.6g}): "
-            f"learning rate {config.learning_rate:g} is too large for this data; try a smaller one"
+            f"learning rate {learning_rate:g} is too large for this data; "
+            f"{stable:.3g} is stable for it (or use --learning-rate auto)"
         )
     return result
+
+
+def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
+    """The configured step, or for ``auto`` 1/L from the data (see lr_kernel.stepsize)."""
+    if config.learning_rate == "auto":
+        return stable_learning_rate(dataset.X, config.l2)
+    return config.learning_rate
 
 
 # Large arrays pass between these tasks: hashing them for a cache key would cost a
@@ -79,6 +90,7 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
 )
 def load_data(config: TrainConfig) -> Dataset:
     plan = plan_inputs(config.data, config.label, config.features)
+    check_output_location(config.data, config.output)
     return load_dataset(
         plan,
         standardize=config.standardize,
@@ -121,6 +133,9 @@ def train(config: TrainConfig) -> TrainSummary:
         len(dataset.features),
         len(dataset.files),
     )
+    if config.learning_rate == "auto":  # resolved once, so the outputs record the number
+        config = config.model_copy(update={"learning_rate": resolve_learning_rate(dataset, config)})
+        logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
     result = fit_model(dataset, config)
     logger.info(
         "fit stopped after %d iterations (%s), cost %.6g",
