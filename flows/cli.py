@@ -78,7 +78,13 @@ def train(
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan = plan_inputs(config.data, config.label, config.features)
-    validate_values(plan, scan(plan), config.positive_label)
+    validate_values(
+        plan,
+        scan(plan),
+        config.positive_label,
+        standardize=config.standardize,
+        dtype=config.dtype,
+    )
     _check_output(config.output)
     check_output_location(config.data, config.output)
 

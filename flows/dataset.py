@@ -262,12 +262,18 @@ def check_output_location(data: str | Path, output: str | Path) -> None:
 
 
 def validate_values(
-    plan: InputPlan, frame: pl.LazyFrame, positive_label: str | None = None
+    plan: InputPlan,
+    frame: pl.LazyFrame,
+    positive_label: str | None = None,
+    *,
+    standardize: bool = True,
+    dtype: str = "float64",
 ) -> LabelMapping:
     """Check the values in one aggregate query; returns the label mapping.
 
-    Zero rows, nulls anywhere, NaN or infinity in a feature, a label without
-    exactly two values: each raises DataError naming the file and the column.
+    Zero rows, nulls anywhere, NaN or infinity in a feature or the label, a label
+    without exactly two values, features too large to standardize or to hold in
+    ``dtype``: each raises DataError naming the file and the column.
     ``frame`` may be a scan of the files (streamed, nothing held) or data already read.
     """
     columns = [*plan.features, plan.label]
@@ -283,6 +289,7 @@ def validate_values(
         label.n_unique().alias("n_labels"),
         label.unique().sort().head(5).implode().alias("labels"),
     ]
+    checks += _range_checks(plan)
     try:
         found = frame.select(checks).collect().row(0, named=True)
     except DataError:
@@ -292,12 +299,43 @@ def validate_values(
     if found.pop("rows") == 0:
         raise DataError("no rows", path=_where(plan))
     labels, n_labels = found.pop("labels"), found.pop("n_labels")
+    ranges = {key: found.pop(key) for key in list(found) if key.startswith("range:")}
     for key, count in found.items():
         if count:
             kind, name = key.split(":", 1)
             problem = "null values" if kind == "null" else "NaN or infinite values"
             raise DataError(f"{count} {problem}", path=_culprit_file(plan, name, kind), column=name)
-    return label_mapping(plan, labels, n_labels, positive_label)
+    mapping = label_mapping(plan, labels, n_labels, positive_label)
+    check_ranges(plan, ranges, standardize=standardize, dtype=dtype)
+    return mapping
+
+
+def _range_checks(plan: InputPlan) -> list[pl.Expr]:
+    """Mean, standard deviation and largest magnitude of each feature, as load_dataset
+    computes them (float64, ddof=0), so the checks agree with the load."""
+    checks = []
+    for name in plan.features:
+        values = pl.col(name).cast(pl.Float64)
+        checks += [
+            values.mean().alias(f"range:mean:{name}"),
+            values.std(ddof=0).alias(f"range:std:{name}"),
+            values.abs().max().alias(f"range:absmax:{name}"),
+        ]
+    return checks
+
+
+def check_ranges(
+    plan: InputPlan, ranges: dict[str, float | None], *, standardize: bool, dtype: str
+) -> None:
+    """Refuse features whose statistics overflow float64, or values beyond ``dtype``."""
+    largest = float(np.finfo(np.dtype(dtype)).max)
+    for name in plan.features:
+        mean, std = ranges[f"range:mean:{name}"], ranges[f"range:std:{name}"]
+        absmax = ranges[f"range:absmax:{name}"]
+        if standardize and not all(v is not None and math.isfinite(v) for v in (mean, std)):
+            raise DataError("values too large to standardize", path=_where(plan), column=name)
+        if not standardize and absmax is not None and absmax > largest:
+            raise DataError(f"values exceed the {dtype} range", path=_where(plan), column=name)
 
 
 def scan(plan: InputPlan) -> pl.LazyFrame:
@@ -320,7 +358,9 @@ def load_dataset(
         frame = scan(plan).collect()
     except Exception as error:
         raise _read_error(plan, error, columns) from None
-    mapping = validate_values(plan, frame.lazy(), positive_label)
+    mapping = validate_values(
+        plan, frame.lazy(), positive_label, standardize=standardize, dtype=dtype
+    )
     mean, scale = _statistics(plan, frame) if standardize else _identity(len(plan.features))
     target = np.dtype(dtype)
     X = np.empty((len(plan.features), frame.height), dtype=target)  # (n, m), C order
@@ -361,8 +401,6 @@ def label_mapping(
     """
     label_dtype = plan.schema[plan.label]
     dtype = str(label_dtype)
-    if label_dtype == pl.Boolean and positive_label is None:
-        return LabelMapping(negative=False, positive=True, dtype=dtype)
     if n_distinct != 2:
         shown = ", ".join(repr(v) for v in values) + (", ..." if n_distinct > len(values) else "")
         problem = "one value" if n_distinct == 1 else f"{n_distinct} distinct values"
@@ -372,6 +410,7 @@ def label_mapping(
             column=plan.label,
         )
     if positive_label is None:
+        # Sorted order puts False before True: a boolean label maps onto itself.
         return LabelMapping(negative=values[0], positive=values[1], dtype=dtype)
     matches = [v for v in values if str(v) == positive_label]
     if not matches:

@@ -371,10 +371,13 @@ def _describe(path: Path) -> OutputFile:
 
 
 def _write_bytes_durably(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
+    """Write, fsync, then rename into place: a crash never leaves a torn ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def _versions() -> dict[str, str]:

@@ -10,8 +10,6 @@ intercept. ``L = λ_max(G)/4 + l2/m`` bounds the curvature everywhere, and
 gradient descent lowers the cost at every update for any step below ``2/L``.
 """
 
-import math
-
 import numpy as np
 
 from lr_kernel.loss import FloatArray
@@ -29,7 +27,7 @@ def gram_largest_eigenvalue(
     block_size: int = 4,
     seed: int = 0,
 ) -> float:
-    """Largest eigenvalue of ``G = [X; 1][X; 1]ᵀ / m`` by block power iteration, never forming ``G``.
+    """Largest eigenvalue of ``G = [X; 1][X; 1]ᵀ / m`` by block power iteration (no ``G`` formed).
 
     Each iteration costs two passes over ``X`` (``[X; 1]ᵀ V``, then ``[X; 1] U``)
     with a few vectors at once: the passes are memory-bound, so ``block_size``
@@ -102,10 +100,10 @@ def stable_learning_rate(X: FloatArray, l2: float = 0.0) -> float:
     float
         A positive learning rate.
     """
-    m = X.shape[1]
+    m = int(X.shape[1])
     # A factor-of-two estimate is all the step needs, and power iteration stalls on
     # data whose top eigenvalues are close (e.g. independent standardized
     # features); a loose tolerance and a cap keep this at most ~200 passes over X.
     eigenvalue = gram_largest_eigenvalue(X, rtol=STEP_RTOL, max_iterations=STEP_MAX_ITERATIONS)
-    smoothness = eigenvalue / 4.0 + l2 / m
+    smoothness = eigenvalue / 4.0 + float(l2) / m
     return 1.0 / smoothness
