@@ -15,10 +15,8 @@ import base64
 import contextvars
 import io
 import math
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,26 +135,6 @@ def cost_curve_png(cost_history: Sequence[float] | np.ndarray) -> bytes:
     # No "Software"/date chunks: the same history gives the same bytes.
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
-
-
-def write_bytes_atomic(data: bytes, path: Path) -> Path:
-    """Write ``data`` to ``path`` whole or not at all (temporary name, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def write_cost_curve(cost_history: Sequence[float] | np.ndarray, output: Path) -> Path:
-    """Draw the cost curve and write it as ``cost_history.png`` in ``output``."""
-    return write_bytes_atomic(cost_curve_png(cost_history), output / COST_CURVE_FILE)
 
 
 def png_data_uri(png: bytes) -> str:

@@ -10,8 +10,8 @@ import typer
 from pydantic import ValidationError
 
 from flows.config import TrainConfig
-from flows.dataset import plan_inputs, scan, validate_values
-from flows.errors import DataError, LrflowError
+from flows.dataset import check_output_location, plan_inputs, scan, validate_values
+from flows.errors import DataError, LrflowError, one_line
 
 app = typer.Typer(
     name="lrflow",
@@ -48,7 +48,9 @@ def train(
         str | None, typer.Option(help="Label value of the positive class [default: the larger].")
     ] = None,
     iterations: Annotated[int, typer.Option(help="Most gradient updates.")] = 1000,
-    learning_rate: Annotated[float, typer.Option(help="Step size.")] = 0.5,
+    learning_rate: Annotated[
+        str, typer.Option(help="Step size, or 'auto' for one estimated from the data.")
+    ] = "0.5",
     l2: Annotated[
         float, typer.Option(help="L2 penalty strength (the intercept is not penalized).")
     ] = 0.0,
@@ -94,14 +96,26 @@ def train(
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan = plan_inputs(config.data, config.label, config.features)
-    validate_values(plan, scan(plan), config.positive_label)
+    validate_values(
+        plan,
+        scan(plan),
+        config.positive_label,
+        standardize=config.standardize,
+        dtype=config.dtype,
+    )
     _check_output(config.output)
+    check_output_location(config.data, config.output)
 
     # A batch job has no business phoning home; an explicit setting still wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Concurrent runs start their servers one at a time (flows.locks); the wait for
+    # the lock is not counted, but a busy machine can still need more than 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.artifacts import progress_listener
+    from flows.locks import start_ephemeral_prefect_server
     from flows.train import train as train_flow
 
+    start_ephemeral_prefect_server()
     bar = LongRunProgressBar()
     token = progress_listener.set(bar)
     try:
@@ -206,6 +220,8 @@ def _check_output(output: str) -> None:
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
     if not parent.is_dir():
         raise DataError("output's parent is not a directory", path=parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError("output directory is not writable", path=parent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error), EXIT_BAD_INPUT)
     except LrflowError as error:
         _fail(str(error), EXIT_RUN_FAILED)
+    except OSError as error:  # disk full, permissions, ...: the environment, not a bug
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(one_line(f"{where}{error.strerror or error}"), EXIT_RUN_FAILED)
     except Exception as error:
         # Usage errors (click's, vendored by newer typer) carry their own message.
         if callable(getattr(error, "format_message", None)):

@@ -1,5 +1,6 @@
 """TrainConfig: every knob of the train flow, validated once (CLI, flow and prefect.yaml)."""
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,8 +11,12 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str = Field(description="A Parquet file, a directory of Parquet files, or a glob.")
-    output: str = Field(description="Directory for params/cost_history/metrics Parquet files.")
+    data: str = Field(
+        min_length=1, description="A Parquet file, a directory of Parquet files, or a glob."
+    )
+    output: str = Field(
+        min_length=1, description="Directory for params/cost_history/metrics Parquet files."
+    )
     label: str = Field(default="label", min_length=1, description="Label column.")
     features: list[str] | None = Field(
         default=None, description="Feature columns; default: every other numeric column."
@@ -21,7 +26,10 @@ class TrainConfig(BaseModel):
         description="Label value that is the positive class (default: the larger of the two).",
     )
     iterations: int = Field(default=1000, ge=1, description="Most gradient updates.")
-    learning_rate: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+    learning_rate: float | Literal["auto"] = Field(
+        default=0.5,
+        description="Step size (> 0), or 'auto': 1/L from the data's curvature bound (stable).",
+    )
     l2: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="L2 penalty strength.")
     tol: float = Field(
         default=1e-10, ge=0, allow_inf_nan=False, description="Stop when |ΔJ| < tol (0: never)."
@@ -40,6 +48,20 @@ class TrainConfig(BaseModel):
     )
     standardize: bool = Field(default=True, description="Train on standardized features.")
     dtype: Literal["float64", "float32"] = Field(default="float64")
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _learning_rate_is_positive_or_auto(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+            raise ValueError(f"must be a positive finite number or 'auto', got {value!r}")
+        return number
 
     @field_validator("features")
     @classmethod

@@ -1,10 +1,12 @@
 """Parquet -> Dataset: find the files, validate schema and values, build the (n, m) matrix."""
 
+import fnmatch
 import glob
 import hashlib
 import math
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -69,22 +71,63 @@ class Dataset:
 
 
 def resolve_files(data: str | Path) -> tuple[Path, ...]:
-    """The Parquet files that ``data`` names: a file, a directory (recursive) or a glob."""
+    """The Parquet files that ``data`` names: a file, a directory (recursive) or a glob.
+
+    In a directory, names starting with ``.`` or ``_`` (and everything below such
+    a directory) are skipped, as Spark and pyarrow do: they hold other writers'
+    in-progress files (``_temporary/``, hidden staging) and metadata (``_SUCCESS``).
+    """
     text = str(data)
+    if not text.strip():
+        raise DataError("empty data path", path=repr(text))
     path = Path(text)
     if path.is_file():
         return (path,)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        files = _parquet_files_below(path)
         if not files:
             raise DataError("directory holds no *.parquet files", path=path)
-        return tuple(files)
+        return files
+    if path.is_symlink():
+        raise DataError("broken symbolic link", path=path)
+    if path.exists():
+        raise DataError("not a regular file or directory", path=path)
     if glob.has_magic(text):
         files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not files:
             raise DataError("no file matches this pattern", path=text)
         return tuple(files)
     raise DataError("no such file or directory", path=path)
+
+
+def _parquet_files_below(root: Path) -> tuple[Path, ...]:
+    """Every ``*.parquet`` regular file below ``root``, sorted; unreadable parts are errors.
+
+    ``os.walk`` rather than ``Path.rglob``: rglob skips a directory it may not
+    read without a word, which would train on part of the data.
+    """
+
+    def refuse(error: OSError) -> None:
+        raise DataError(f"cannot list directory ({error.strerror})", path=error.filename)
+
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for directory, subdirectories, names in os.walk(root, onerror=refuse, followlinks=True):
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen:  # a symbolic link loop
+            subdirectories.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subdirectories[:] = [d for d in subdirectories if not d.startswith((".", "_"))]
+        for name in names:
+            if name.startswith((".", "_")) or not name.endswith(".parquet"):
+                continue
+            path = Path(directory, name)
+            if path.is_file():
+                found.append(path)
+            elif path.is_symlink() and not path.exists():
+                raise DataError("broken symbolic link", path=path)
+    return tuple(sorted(found))
 
 
 def read_schema(path: Path) -> dict[str, pl.DataType]:
@@ -124,6 +167,8 @@ def plan_inputs(
         for name in other.keys() - schema.keys():
             raise DataError(f"present here but missing in {files[0]}", path=path, column=name)
     where = files[0] if len(files) == 1 else str(data)
+    if not schema:
+        raise DataError("file has no columns", path=files[0])
     if label not in schema:
         raise DataError(f"label column not found (columns: {_names(schema)})", path=where)
     if features is None:
@@ -150,16 +195,85 @@ def plan_inputs(
                     path=where,
                     column=name,
                 )
+    check_label_dtype(schema[label], label, where)
+    check_distinct_features(chosen, where)
     return InputPlan(files=files, features=chosen, label=label, schema=schema)
 
 
+# Label types with an order and an equality that map two values onto 0/1; nested,
+# binary and untyped columns have neither that Polars can use here.
+LABEL_DTYPES = "boolean, integer, float, decimal, string, categorical, date or time"
+
+
+def check_label_dtype(dtype: pl.DataType, label: str, where: Path | str) -> None:
+    """Refuse label types that cannot hold a two-valued class (lists, structs, bytes, nulls)."""
+    if dtype == pl.Null:
+        raise DataError("label holds only null values", path=where, column=label)
+    usable = (
+        dtype.is_numeric()
+        or dtype.is_temporal()
+        or dtype in (pl.Boolean, pl.String)
+        or isinstance(dtype, (pl.Categorical, pl.Enum))
+    )
+    if not usable:
+        raise DataError(f"label has type {dtype}, not {LABEL_DTYPES}", path=where, column=label)
+
+
+def check_distinct_features(features: tuple[str, ...], where: Path | str) -> None:
+    """Each feature once: a repeated column would be a singular, duplicated row of ``X``."""
+    seen: set[str] = set()
+    for name in features:
+        if name in seen:
+            raise DataError("feature is listed twice", path=where, column=name)
+        seen.add(name)
+
+
+def check_output_location(data: str | Path, output: str | Path) -> None:
+    """The output directory must not be where ``data`` finds its inputs.
+
+    Results written below a data directory (or where a data glob matches) would
+    be read back as training data by the next run.
+    """
+    text = str(data)
+    target = Path(output).absolute()
+    source = Path(text)
+    if source.is_dir():
+        root = source.absolute()
+        if target == root or root in target.parents:
+            raise DataError(
+                f"output directory lies inside the data directory {text}; "
+                "the next run would read its results as training data",
+                path=output,
+            )
+    elif glob.has_magic(text) and not source.is_file():
+        probe = target / "params.parquet"
+        pattern = str(Path(text).absolute())
+        matches = (
+            fnmatch.fnmatchcase(str(probe), pattern)
+            if "**" in text
+            else PurePath(probe).match(pattern)
+        )
+        if matches:
+            raise DataError(
+                f"data pattern {text} matches this output directory's files; "
+                "the next run would read its results as training data",
+                path=output,
+            )
+
+
 def validate_values(
-    plan: InputPlan, frame: pl.LazyFrame, positive_label: str | None = None
+    plan: InputPlan,
+    frame: pl.LazyFrame,
+    positive_label: str | None = None,
+    *,
+    standardize: bool = True,
+    dtype: str = "float64",
 ) -> LabelMapping:
     """Check the values in one aggregate query; returns the label mapping.
 
-    Zero rows, nulls anywhere, NaN or infinity in a feature, a label without
-    exactly two values: each raises DataError naming the file and the column.
+    Zero rows, nulls anywhere, NaN or infinity in a feature or the label, a label
+    without exactly two values, features too large to standardize or to hold in
+    ``dtype``: each raises DataError naming the file and the column.
     ``frame`` may be a scan of the files (streamed, nothing held) or data already read.
     """
     columns = [*plan.features, plan.label]
@@ -167,7 +281,7 @@ def validate_values(
     checks += [pl.col(name).null_count().alias(f"null:{name}") for name in columns]
     checks += [
         (pl.col(name).is_nan() | pl.col(name).is_infinite()).sum().alias(f"nonfinite:{name}")
-        for name in plan.features
+        for name in columns
         if plan.schema[name].is_float()
     ]
     label = pl.col(plan.label).drop_nulls()
@@ -175,6 +289,7 @@ def validate_values(
         label.n_unique().alias("n_labels"),
         label.unique().sort().head(5).implode().alias("labels"),
     ]
+    checks += _range_checks(plan)
     try:
         found = frame.select(checks).collect().row(0, named=True)
     except DataError:
@@ -184,12 +299,43 @@ def validate_values(
     if found.pop("rows") == 0:
         raise DataError("no rows", path=_where(plan))
     labels, n_labels = found.pop("labels"), found.pop("n_labels")
+    ranges = {key: found.pop(key) for key in list(found) if key.startswith("range:")}
     for key, count in found.items():
         if count:
             kind, name = key.split(":", 1)
             problem = "null values" if kind == "null" else "NaN or infinite values"
             raise DataError(f"{count} {problem}", path=_culprit_file(plan, name, kind), column=name)
-    return label_mapping(plan, labels, n_labels, positive_label)
+    mapping = label_mapping(plan, labels, n_labels, positive_label)
+    check_ranges(plan, ranges, standardize=standardize, dtype=dtype)
+    return mapping
+
+
+def _range_checks(plan: InputPlan) -> list[pl.Expr]:
+    """Mean, standard deviation and largest magnitude of each feature, as load_dataset
+    computes them (float64, ddof=0), so the checks agree with the load."""
+    checks = []
+    for name in plan.features:
+        values = pl.col(name).cast(pl.Float64)
+        checks += [
+            values.mean().alias(f"range:mean:{name}"),
+            values.std(ddof=0).alias(f"range:std:{name}"),
+            values.abs().max().alias(f"range:absmax:{name}"),
+        ]
+    return checks
+
+
+def check_ranges(
+    plan: InputPlan, ranges: dict[str, float | None], *, standardize: bool, dtype: str
+) -> None:
+    """Refuse features whose statistics overflow float64, or values beyond ``dtype``."""
+    largest = float(np.finfo(np.dtype(dtype)).max)
+    for name in plan.features:
+        mean, std = ranges[f"range:mean:{name}"], ranges[f"range:std:{name}"]
+        absmax = ranges[f"range:absmax:{name}"]
+        if standardize and not all(v is not None and math.isfinite(v) for v in (mean, std)):
+            raise DataError("values too large to standardize", path=_where(plan), column=name)
+        if not standardize and absmax is not None and absmax > largest:
+            raise DataError(f"values exceed the {dtype} range", path=_where(plan), column=name)
 
 
 def scan(plan: InputPlan) -> pl.LazyFrame:
@@ -212,7 +358,9 @@ def load_dataset(
         frame = scan(plan).collect()
     except Exception as error:
         raise _read_error(plan, error, columns) from None
-    mapping = validate_values(plan, frame.lazy(), positive_label)
+    mapping = validate_values(
+        plan, frame.lazy(), positive_label, standardize=standardize, dtype=dtype
+    )
     mean, scale = _statistics(plan, frame) if standardize else _identity(len(plan.features))
     target = np.dtype(dtype)
     X = np.empty((len(plan.features), frame.height), dtype=target)  # (n, m), C order
@@ -253,8 +401,6 @@ def label_mapping(
     """
     label_dtype = plan.schema[plan.label]
     dtype = str(label_dtype)
-    if label_dtype == pl.Boolean and positive_label is None:
-        return LabelMapping(negative=False, positive=True, dtype=dtype)
     if n_distinct != 2:
         shown = ", ".join(repr(v) for v in values) + (", ..." if n_distinct > len(values) else "")
         problem = "one value" if n_distinct == 1 else f"{n_distinct} distinct values"
@@ -264,6 +410,7 @@ def label_mapping(
             column=plan.label,
         )
     if positive_label is None:
+        # Sorted order puts False before True: a boolean label maps onto itself.
         return LabelMapping(negative=values[0], positive=values[1], dtype=dtype)
     matches = [v for v in values if str(v) == positive_label]
     if not matches:

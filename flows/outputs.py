@@ -1,10 +1,13 @@
 """Results -> Parquet: the output contract's schemas, metadata, and atomic writes."""
 
+import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ import pyarrow.parquet as pq
 
 from flows.config import TrainConfig
 from flows.dataset import Dataset
+from flows.errors import DataError
+from flows.locks import exclusive_lock
 from lr_kernel import FitResult
 from lr_kernel.metrics import binary_metrics
 
@@ -169,8 +174,14 @@ def write_run_outputs(
     *,
     started_at: datetime,
     run_id: str | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> list[Path]:
-    """Write params, cost history and metrics of a finished fit; returns the paths."""
+    """Write params, cost history and metrics of a finished fit as one output set.
+
+    ``extra_files`` (name -> bytes, e.g. the cost curve picture) join the same set.
+    Returns the paths of the data files, then of the ``_SUCCESS`` manifest.
+    """
+    run_id = run_id or uuid.uuid4().hex
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, dataset.mean, dataset.scale)
     Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
     metrics = {"train": binary_metrics(Z, dataset.Y)}
@@ -182,10 +193,202 @@ def write_run_outputs(
         ),
         "metrics.parquet": metrics_table(metrics),
     }
-    return [
-        write_table_atomic(with_metadata(table, metadata), output / name)
-        for name, table in tables.items()
-    ]
+    files: dict[str, pa.Table | bytes] = {
+        name: with_metadata(table, metadata) for name, table in tables.items()
+    }
+    files |= extra_files or {}
+    manifest = write_output_set(output, files, run_id=str(run_id))
+    return [*(output / entry.name for entry in manifest.files), output / MANIFEST_NAME]
+
+
+# ---------------------------------------------------------------------------------------
+# Output sets: several files that appear together or not at all.
+#
+# A run stages its whole set in a hidden directory inside the output directory
+# (same file system, so renames are atomic), writes the staged manifest last (the
+# set is then complete: a journal that says "commit me"), and commits it:
+#   1. remove DIR/_SUCCESS    (from here the directory says "being replaced")
+#   2. rename each staged file over DIR/<name>
+#   3. rename the staged manifest to DIR/_SUCCESS
+# A crash before the staged manifest exists leaves the earlier set untouched; a
+# crash during 1-3 leaves a complete journal that the next writer rolls forward
+# (recover_output_set) before doing anything else. One writer at a time holds an
+# flock on the directory, so two runs never interleave their files.
+# ---------------------------------------------------------------------------------------
+
+MANIFEST_NAME = "_SUCCESS"
+STAGING_PREFIX = ".lrflow-staging-"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file of an output set, as the manifest records it."""
+
+    name: str
+    size: int
+    blake2b: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The ``_SUCCESS`` file: which files make up the set, their sizes and checksums."""
+
+    run_id: str
+    files: tuple[OutputFile, ...]
+    written_at: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format_version": MANIFEST_FORMAT,
+                "run_id": self.run_id,
+                "written_at": self.written_at,
+                "files": [
+                    {"name": f.name, "size": f.size, "blake2b": f.blake2b} for f in self.files
+                ],
+            },
+            indent=2,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, path: Path) -> "Manifest":
+        try:
+            data = json.loads(raw)
+            files = tuple(
+                OutputFile(str(f["name"]), int(f["size"]), str(f["blake2b"])) for f in data["files"]
+            )
+            return cls(run_id=str(data["run_id"]), files=files, written_at=str(data["written_at"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"not an lrflow manifest ({error})", path=path) from None
+
+
+def write_output_set(
+    output: Path, tables: Mapping[str, pa.Table | bytes], *, run_id: str
+) -> Manifest:
+    """Write ``tables`` (file name -> table, or raw bytes) into ``output`` as one set.
+
+    ``_SUCCESS`` comes last.
+    Blocks while another process writes into ``output``. Until the new set is
+    complete (staged and fsynced) the earlier set in ``output`` is untouched.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(output):
+        recover_output_set(output, locked=True)
+        staging = output / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            entries = []
+            for name, table in tables.items():
+                if isinstance(table, bytes):
+                    _write_bytes_durably(staging / name, table)
+                else:
+                    with (staging / name).open("wb") as handle:
+                        pq.write_table(table, handle)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                entries.append(_describe(staging / name))
+            manifest = Manifest(
+                run_id=run_id,
+                files=tuple(entries),
+                written_at=datetime.now(timezone.utc).isoformat(),
+            )
+            _write_bytes_durably(staging / MANIFEST_NAME, manifest.to_json())
+            _fsync_directory(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _commit(output, staging, manifest)
+    return manifest
+
+
+def recover_output_set(output: Path, *, locked: bool = False) -> None:
+    """Finish a commit that a crash interrupted; delete sets a crash left half-staged.
+
+    Safe at any time: it takes the directory's lock unless the caller holds it.
+    """
+    if not output.is_dir():
+        return
+    if not locked:
+        with exclusive_lock(output):
+            recover_output_set(output, locked=True)
+        return
+    for staging in sorted(output.glob(f"{STAGING_PREFIX}*")):
+        staged_manifest = staging / MANIFEST_NAME
+        if staged_manifest.is_file():
+            _commit(output, staging, Manifest.from_json(staged_manifest.read_bytes(), staging))
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_manifest(output: Path) -> Manifest | None:
+    """The directory's ``_SUCCESS`` manifest, or None while it has no complete set."""
+    path = Path(output) / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return Manifest.from_json(raw, path)
+
+
+def verify_output_set(output: Path) -> Manifest:
+    """Check that ``output`` holds a complete, consistent set; returns its manifest.
+
+    A consumer calls this before reading (and may call it again after, to be sure
+    no newer set replaced a file meanwhile): every file the manifest lists must
+    have the recorded size and BLAKE2b checksum.
+    """
+    output = Path(output)
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise DataError(
+            f"no {MANIFEST_NAME} manifest: no complete output set (yet), or one is being replaced",
+            path=output,
+        )
+    for entry in manifest.files:
+        path = output / entry.name
+        if not path.is_file():
+            raise DataError("listed in the manifest but missing", path=path)
+        found = _describe(path)
+        if (found.size, found.blake2b) != (entry.size, entry.blake2b):
+            raise DataError(
+                f"size or checksum differs from the manifest of run {manifest.run_id}", path=path
+            )
+    return manifest
+
+
+def _commit(output: Path, staging: Path, manifest: Manifest) -> None:
+    """Steps 1-3 above; each can be repeated after a crash (renames of what is left)."""
+    (output / MANIFEST_NAME).unlink(missing_ok=True)
+    _fsync_directory(output)
+    for entry in manifest.files:
+        staged = staging / entry.name
+        if staged.exists():  # absent: moved before the crash
+            os.replace(staged, output / entry.name)
+    _fsync_directory(output)
+    os.replace(staging / MANIFEST_NAME, output / MANIFEST_NAME)
+    _fsync_directory(output)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _describe(path: Path) -> OutputFile:
+    digest = hashlib.blake2b(digest_size=16)
+    size = 0
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return OutputFile(name=path.name, size=size, blake2b=digest.hexdigest())
+
+
+def _write_bytes_durably(path: Path, data: bytes) -> None:
+    """Write, fsync, then rename into place: a crash never leaves a torn ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def _versions() -> dict[str, str]:

@@ -14,17 +14,19 @@ from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
 from flows.artifacts import (
+    COST_CURVE_FILE,
+    cost_curve_png,
     publish_run_artifacts,
     start_importing_matplotlib,
     training_progress,
-    write_cost_curve,
 )
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
-from flows.dataset import Dataset, load_dataset, plan_inputs
+from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
 from flows.outputs import write_run_outputs
 from lr_kernel import FitResult, fit
+from lr_kernel.stepsize import stable_learning_rate
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
@@ -82,6 +84,7 @@ def fit_dataset(
     path = checkpoint_path(config)
     key = checkpoint_key(dataset, config)
     resume = state_to_resume(path, key, resume=config.resume, run_id=run_id)
+    learning_rate = resolve_learning_rate(dataset, config)
     # The kernel splits X's blocks over its own threads, each calling BLAS on
     # cache-sized blocks; a multi-threaded BLAS under them would oversubscribe
     # the cores and stall on every small call (benchmarks/RESULTS.md).
@@ -89,7 +92,7 @@ def fit_dataset(
         result = fit(
             dataset.X,
             dataset.Y,
-            learning_rate=config.learning_rate,
+            learning_rate=learning_rate,
             iterations=config.iterations,
             l2=config.l2,
             tol=config.tol,
@@ -102,12 +105,21 @@ def fit_dataset(
         )
     if result.stop_reason == "diverged":
         path.unlink(missing_ok=True)  # continuing a diverging run would only diverge again
+        stable = stable_learning_rate(dataset.X, config.l2)
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "
             f"(cost {result.cost_history[-1]:.6g}, started at {result.cost_history[0]:.6g}): "
-            f"learning rate {config.learning_rate:g} is too large for this data; try a smaller one"
+            f"learning rate {learning_rate:g} is too large for this data; "
+            f"{stable:.3g} is stable for it (or use --learning-rate auto)"
         )
     return result
+
+
+def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
+    """The configured step, or for ``auto`` 1/L from the data (see lr_kernel.stepsize)."""
+    if config.learning_rate == "auto":
+        return stable_learning_rate(dataset.X, config.l2)
+    return config.learning_rate
 
 
 # Large arrays pass between these tasks: hashing them for a cache key would cost a
@@ -121,6 +133,7 @@ def fit_dataset(
 )
 def load_data(config: TrainConfig) -> Dataset:
     plan = plan_inputs(config.data, config.label, config.features)
+    check_output_location(config.data, config.output)
     return load_dataset(
         plan,
         standardize=config.standardize,
@@ -153,10 +166,15 @@ def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
 def write_outputs(
     dataset: Dataset, result: FitResult, config: TrainConfig, started_at: datetime
 ) -> list[Path]:
-    files = write_run_outputs(
-        Path(config.output), dataset, result, config, started_at=started_at, run_id=flow_run.id
+    return write_run_outputs(
+        Path(config.output),
+        dataset,
+        result,
+        config,
+        started_at=started_at,
+        run_id=flow_run.id,
+        extra_files={COST_CURVE_FILE: cost_curve_png(result.cost_history)},
     )
-    return [*files, write_cost_curve(result.cost_history, Path(config.output))]
 
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
@@ -191,6 +209,9 @@ def train(config: TrainConfig) -> TrainSummary:
         len(dataset.features),
         len(dataset.files),
     )
+    if config.learning_rate == "auto":  # resolved once, so the outputs record the number
+        config = config.model_copy(update={"learning_rate": resolve_learning_rate(dataset, config)})
+        logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
     result = fit_model(dataset, config)
     logger.info(
         "fit stopped after %d iterations (%s), cost %.6g",

@@ -13,7 +13,13 @@ from flows.cli import main
 from flows.outputs import read_metadata
 from tests.conftest import write_parquet
 
-OUTPUT_FILES = ["cost_history.parquet", "cost_history.png", "metrics.parquet", "params.parquet"]
+OUTPUT_FILES = [
+    "_SUCCESS",
+    "cost_history.parquet",
+    "cost_history.png",
+    "metrics.parquet",
+    "params.parquet",
+]
 
 
 def run_cli(*args):

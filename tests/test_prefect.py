@@ -180,7 +180,9 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
     )
     summary = state.result()
     found = _artifacts_of(state.state_details.flow_run_id)
-    outputs = ["params.parquet", "cost_history.parquet", "metrics.parquet", "cost_history.png"]
+    outputs = [
+        "params.parquet", "cost_history.parquet", "metrics.parquet", "cost_history.png", "_SUCCESS",
+    ]  # fmt: skip
     assert set(found) == {
         "train-progress", "train-parameters", "train-report", "train-cost-curve",
         *(output_link_key(Path(name)) for name in outputs),
