@@ -5,7 +5,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
@@ -13,8 +15,9 @@ from pydantic import BaseModel
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
-from flows.outputs import write_run_outputs
+from flows.outputs import evaluate, metrics_rows, write_run_outputs
 from lr_kernel import FitResult, fit
+from lr_kernel.metrics import HeldOutCost
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
@@ -42,6 +45,8 @@ class TrainSummary(BaseModel):
     final_cost: float
     stop_reason: str
     seconds: float
+    n_validation_examples: int = 0
+    metrics: dict[str, dict[str, float]] = {}
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -49,7 +54,7 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(state.data, LrflowError)
 
 
-def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
+def fit_dataset(dataset: Dataset, config: TrainConfig, monitor=None) -> FitResult:
     """Train on a loaded dataset; a diverged run raises instead of returning garbage."""
     result = fit(
         dataset.X,
@@ -58,6 +63,7 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
         iterations=config.iterations,
         l2=config.l2,
         tol=config.tol,
+        monitor=monitor,
     )
     if result.stop_reason == "diverged":
         raise DivergedError(
@@ -66,6 +72,29 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
             f"learning rate {config.learning_rate:g} is too large for this data; try a smaller one"
         )
     return result
+
+
+def fit_with_validation_cost(
+    dataset: Dataset, config: TrainConfig
+) -> tuple[FitResult, np.ndarray | None]:
+    """:func:`fit_dataset`, plus the validation log-loss every ``validation_every`` updates.
+
+    Returns the result and the validation cost per iteration, ``(n_iterations + 1,)``
+    with NaN where not evaluated (the final iteration always is), or None.
+    """
+    held_out = dataset.validation
+    if held_out is None:
+        return fit_dataset(dataset, config), None
+    monitor = HeldOutCost(held_out.X, held_out.Y, every=config.validation_every)
+    result = fit_dataset(dataset, config, monitor)
+    return result, monitor.history(result.n_iterations, result.w, result.b)
+
+
+def publish_metrics(metrics: dict[str, dict[str, float]], key: str) -> None:
+    """The metrics as a small table artifact in the Prefect UI."""
+    create_table_artifact(
+        table=metrics_rows(metrics), key=key, description="Metrics per split (metrics.parquet)"
+    )
 
 
 # Large arrays pass between these tasks: hashing them for a cache key would cost a
@@ -79,17 +108,28 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
 )
 def load_data(config: TrainConfig) -> Dataset:
     plan = plan_inputs(config.data, config.label, config.features)
+    validation_plan = None
+    if config.validation_data is not None:
+        validation_plan = plan_inputs(config.validation_data, config.label, plan.features)
     return load_dataset(
         plan,
         standardize=config.standardize,
         dtype=config.dtype,
         positive_label=config.positive_label,
+        validation_fraction=config.effective_validation_fraction,
+        seed=config.seed,
+        validation_plan=validation_plan,
     )
 
 
 @task(name="fit", cache_policy=NO_CACHE)
-def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
-    return fit_dataset(dataset, config)
+def fit_model(dataset: Dataset, config: TrainConfig) -> tuple[FitResult, np.ndarray | None]:
+    return fit_with_validation_cost(dataset, config)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(dataset: Dataset, result: FitResult) -> dict[str, dict[str, float]]:
+    return evaluate(dataset, result)
 
 
 @task(
@@ -100,10 +140,22 @@ def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
     cache_policy=NO_CACHE,
 )
 def write_outputs(
-    dataset: Dataset, result: FitResult, config: TrainConfig, started_at: datetime
+    dataset: Dataset,
+    result: FitResult,
+    config: TrainConfig,
+    started_at: datetime,
+    validation_cost: np.ndarray | None = None,
+    metrics: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:
     return write_run_outputs(
-        Path(config.output), dataset, result, config, started_at=started_at, run_id=flow_run.id
+        Path(config.output),
+        dataset,
+        result,
+        config,
+        started_at=started_at,
+        run_id=flow_run.id,
+        validation_cost=validation_cost,
+        metrics=metrics,
     )
 
 
@@ -121,14 +173,18 @@ def train(config: TrainConfig) -> TrainSummary:
         len(dataset.features),
         len(dataset.files),
     )
-    result = fit_model(dataset, config)
+    if dataset.validation is not None:
+        logger.info("holding out %d examples for validation", dataset.validation.n_examples)
+    result, validation_cost = fit_model(dataset, config)
     logger.info(
         "fit stopped after %d iterations (%s), cost %.6g",
         result.n_iterations,
         result.stop_reason,
         result.cost_history[-1],
     )
-    files = write_outputs(dataset, result, config, started_at)
+    metrics = evaluate_model(dataset, result)
+    files = write_outputs(dataset, result, config, started_at, validation_cost, metrics)
+    publish_metrics(metrics, "train-metrics")
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],
@@ -138,6 +194,8 @@ def train(config: TrainConfig) -> TrainSummary:
         final_cost=float(result.cost_history[-1]),
         stop_reason=result.stop_reason,
         seconds=time.perf_counter() - clock,
+        n_validation_examples=0 if dataset.validation is None else dataset.validation.n_examples,
+        metrics=metrics,
     )
 
 

@@ -62,6 +62,7 @@ def fit(
     w0: FloatArray | None = None,
     b0: float = 0.0,
     callback: Callable[[int, float], None] | None = None,
+    monitor: Callable[[int, FloatArray, float], None] | None = None,
 ) -> FitResult:
     """Full-batch gradient descent on the regularized log-loss.
 
@@ -86,6 +87,10 @@ def fit(
     callback : callable ``(iteration, cost) -> None``, optional
         Called after each update with the update's number (from 1) and the new cost;
         also once with ``(0, initial cost)``.
+    monitor : callable ``(iteration, w, b) -> None``, optional
+        Called at the same points as ``callback`` with the parameters whose cost
+        that is (e.g. to track a held-out cost). ``w`` is the live
+        ``(n_features, 1)`` array: read it, never keep or modify it.
 
     Returns
     -------
@@ -117,6 +122,8 @@ def fit(
     grad_norms = [math.hypot(float(np.linalg.norm(dw)), db)]
     if callback is not None:
         callback(0, cost)
+    if monitor is not None:
+        monitor(0, w, b)
     stop_reason: StopReason = "iterations"
     rises = 0
     iteration = 0
@@ -129,6 +136,8 @@ def fit(
         grad_norms.append(math.hypot(float(np.linalg.norm(dw)), db))
         if callback is not None:
             callback(iteration, cost)
+        if monitor is not None:
+            monitor(iteration, w, b)
         if not math.isfinite(cost) or not math.isfinite(grad_norms[-1]):
             stop_reason = "diverged"
             break
