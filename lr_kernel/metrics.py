@@ -73,7 +73,7 @@ def roc_auc(Z: FloatArray, Y: FloatArray) -> float:
     twice_wins = int(
         np.sum(2 * positives_in_group * negatives_below + positives_in_group * negatives_in_group)
     )
-    return twice_wins / (2 * n_positive * n_negative)
+    return float(twice_wins / (2 * n_positive * n_negative))
 
 
 def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict[str, float]:
