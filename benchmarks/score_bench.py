@@ -78,8 +78,8 @@ def write_model(directory: Path, features: list[str]) -> None:
     write_table_atomic(table, directory / "params.parquet")
 
 
-def run(code: str, data: str, scratch: Path) -> tuple[float, float]:
-    """Seconds and peak RSS (MB) of one fresh process running ``code``."""
+def run(code: str, data: str, scratch: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of one fresh process running ``code``."""
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -92,7 +92,8 @@ def run(code: str, data: str, scratch: Path) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     if status != 0:
         raise RuntimeError(process.stderr.read().decode() if process.stderr else "failed")
-    return seconds, usage.ru_maxrss / 1024  # Linux reports kilobytes
+    cpu = usage.ru_utime + usage.ru_stime
+    return seconds, cpu, usage.ru_maxrss / 1024  # Linux reports kilobytes
 
 
 def main() -> None:
@@ -109,7 +110,7 @@ def main() -> None:
     features = [name for name in schema if name.startswith("x")]
     rows = sum(pl.scan_parquet(path).select(pl.len()).collect().item() for path in files)
     competitors = {k: v for k, v in COMPETITORS.items() if k not in args.skip}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in competitors}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in competitors}
     with tempfile.TemporaryDirectory(prefix="score-bench-") as scratch_name:
         scratch = Path(scratch_name)
         write_model(scratch / "model", features)
@@ -118,17 +119,21 @@ def main() -> None:
                 results[name].append(run(code, args.data, scratch))
     print(f"# {platform.node()}, {os.cpu_count()} CPUs, {date.today()}, numpy {np.__version__}")
     print(f"# {rows:,} rows x {len(features)} features, {len(files)} files, {args.repeats} repeats")
-    print(f"{'competitor':32} {'median s':>9} {'rows/s':>12} {'peak MB':>8} {'vs fastest':>11}")
-    reads = [statistics.median(s for s, _ in results[n]) for n in results if "polars" in n]
+    print(
+        f"{'competitor':32} {'median s':>9} {'rows/s':>12} {'CPU s':>7} {'peak MB':>8} "
+        f"{'speed vs fastest read':>22}"
+    )
+    reads = [statistics.median(r[0] for r in results[n]) for n in results if "polars" in n]
     fastest_read = min(reads) if reads else float("nan")
     table = {}
     for name, runs in results.items():
-        seconds = statistics.median(s for s, _ in runs)
-        peak = max(m for _, m in runs)
-        table[name] = {"seconds": seconds, "peak_mb": peak}
+        seconds = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        peak = max(r[2] for r in runs)
+        table[name] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
         print(
-            f"{name:32} {seconds:9.2f} {rows / seconds:12,.0f} {peak:8.0f} "
-            f"{fastest_read / seconds:11.0%}"
+            f"{name:32} {seconds:9.2f} {rows / seconds:12,.0f} {cpu:7.1f} {peak:8.0f} "
+            f"{fastest_read / seconds:22.0%}"
         )
     print(json.dumps(table))
 

@@ -265,6 +265,7 @@ def score_batch(
 ) -> pa.RecordBatch:
     """Keys, ``probability = sigmoid(w · x + b)`` and ``prediction`` for one batch."""
     Z = np.full(batch.num_rows, model.b)  # (rows,), the scores w · x + b
+    term = np.empty_like(Z)
     for j, name in enumerate(plan.features):
         column = batch.column(name)
         if column.null_count:
@@ -272,7 +273,8 @@ def score_batch(
         if not pa.types.is_float64(column.type):
             column = column.cast(pa.float64())
         # One axpy per feature over a batch-sized vector: no (n, rows) copy is built.
-        Z += model.w[j] * column.to_numpy(zero_copy_only=False)
+        np.multiply(column.to_numpy(zero_copy_only=False), model.w[j], out=term)
+        Z += term
     if not np.all(np.isfinite(Z)):
         raise _non_finite(batch, plan, path)
     probability = sigmoid(Z)
@@ -280,7 +282,9 @@ def score_batch(
     prediction = pa.array([model.negative, model.positive], type=model.label_type).take(
         pa.array(positive.astype(np.int8))
     )
-    arrays = [batch.column(name) for name in plan.keys] + [pa.array(probability), prediction]
+    # Keys keep the first file's Arrow type (writers differ: string vs large_string).
+    keys = [batch.column(name).cast(plan.output_schema.field(name).type) for name in plan.keys]
+    arrays = [*keys, pa.array(probability), prediction]
     return pa.RecordBatch.from_arrays(arrays, schema=plan.output_schema)
 
 
@@ -323,7 +327,10 @@ def score_to_parquet(
     probability_sum = 0.0
     try:
         with temporary.open("wb") as handle:
-            with pq.ParquetWriter(handle, schema) as writer:
+            # Dictionary-encoding random float64 probabilities only costs time; the
+            # keys and the two-valued prediction keep it.
+            dictionary = [name for name in schema.names if name != "probability"]
+            with pq.ParquetWriter(handle, schema, use_dictionary=dictionary) as writer:
                 for batch in score_batches(plan, model, threshold, batch_rows):
                     writer.write_batch(batch.replace_schema_metadata(schema.metadata))
                     probability = batch.column("probability").to_numpy()
