@@ -186,6 +186,7 @@ def report_markdown(
     n_iterations: int,
     stop_reason: str,
     final_cost: float,
+    n_validation: int = 0,
     metrics: Sequence[Mapping[str, Any]],
     seconds: float,
     outputs: Sequence[Path],
@@ -199,7 +200,8 @@ def report_markdown(
             ["", ""],
             [
                 ("files", len(files)),
-                ("rows", n_examples),
+                ("training rows", n_examples),
+                ("validation rows", n_validation),
                 ("features", f"{len(features)}: {', '.join(features)}"),
             ],
         ),
@@ -273,6 +275,7 @@ def publish_run_artifacts(
     stop_reason: str,
     seconds: float,
     outputs: Sequence[Path],
+    n_validation: int = 0,
 ) -> None:
     """Create the parameter table, the report, the cost curve and one link per output file."""
     from prefect.artifacts import (
@@ -295,6 +298,7 @@ def publish_run_artifacts(
             config=config,
             files=files,
             n_examples=n_examples,
+            n_validation=n_validation,
             features=features,
             n_iterations=n_iterations,
             stop_reason=stop_reason,

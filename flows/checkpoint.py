@@ -32,6 +32,9 @@ def checkpoint_key(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
         "l2": config.l2,
+        "validation_fraction": config.effective_validation_fraction,
+        "validation_data": config.validation_data,
+        "seed": config.seed,
     }
 
 

@@ -9,8 +9,14 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flows.config import TrainConfig
-from flows.dataset import check_output_location, plan_inputs, scan, validate_values
+from flows.config import ScoreConfig, TrainConfig
+from flows.dataset import (
+    check_held_out_labels,
+    check_output_location,
+    plan_inputs,
+    scan,
+    validate_values,
+)
 from flows.errors import DataError, LrflowError, one_line
 
 app = typer.Typer(
@@ -73,6 +79,17 @@ def train(
         bool, typer.Option("--standardize/--no-standardize", help="Train on standardized features.")
     ] = True,
     dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    validation_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of rows held out, stratified by label [default: 0.2]; 0: none."),
+    ] = None,
+    validation_data: Annotated[
+        str | None, typer.Option(help="Separate validation data instead of a split.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+    validation_every: Annotated[
+        int, typer.Option(help="Record the validation cost every this many iterations.")
+    ] = 10,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
     config = TrainConfig(
@@ -91,18 +108,25 @@ def train(
         resume=resume,
         standardize=standardize,
         dtype=dtype,  # type: ignore[arg-type]  # validated by the model
+        validation_fraction=validation_fraction,
+        validation_data=validation_data,
+        seed=seed,
+        validation_every=validation_every,
     )
     # Every input check runs before Prefect (seconds to start) is even imported:
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan = plan_inputs(config.data, config.label, config.features)
-    validate_values(
+    mapping = validate_values(
         plan,
         scan(plan),
         config.positive_label,
         standardize=config.standardize,
         dtype=config.dtype,
     )
+    if config.validation_data is not None:
+        held_out = plan_inputs(config.validation_data, config.label, plan.features)
+        check_held_out_labels(plan, held_out, scan(held_out), mapping)
     _check_output(config.output)
     check_output_location(config.data, config.output)
 
@@ -128,6 +152,11 @@ def train(
         f"{summary.n_iterations} iterations ({summary.stop_reason}), "
         f"final cost {summary.final_cost:.6g}"
     )
+    for split, metrics in summary.metrics.items():
+        typer.echo(
+            f"{split} ({int(metrics['n_examples'])} examples): log_loss {metrics['log_loss']:.6g}, "
+            f"accuracy {metrics['accuracy']:.4f}, roc_auc {metrics['roc_auc']:.4f}"
+        )
     for path in summary.files:
         typer.echo(f"wrote {path}")
 
@@ -209,6 +238,40 @@ class LongRunProgressBar:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="Output directory of `lrflow train`.")],
+    data: Annotated[str, typer.Option(help="Parquet file, directory of Parquet files, or glob.")],
+    output: Annotated[str, typer.Option(help="Parquet file to write the predictions to.")],
+    threshold: Annotated[
+        float, typer.Option(help="Predict the positive label when probability >= this.")
+    ] = 0.5,
+) -> None:
+    """Score Parquet data with a trained model; write keys, probability and prediction."""
+    config = ScoreConfig(model=model, data=data, output=output, threshold=threshold)
+    # The same rule as train: every check that needs no pass over the data runs
+    # before Prefect starts (the model, the columns and types, footer null counts).
+    # NaN/inf need a pass over the values, so scoring itself finds them.
+    from flows.scoring import check_output_file, load_model, plan_scoring
+
+    plan_scoring(load_model(config.model), config.data)
+    check_output_file(config.output)
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.locks import start_ephemeral_prefect_server
+    from flows.score import score as score_flow
+
+    start_ephemeral_prefect_server()
+
+    summary = score_flow(config)
+    typer.echo(
+        f"scored {summary.n_rows} rows: {summary.n_positive} predicted positive, "
+        f"mean probability {summary.mean_probability:.6g}"
+    )
+    typer.echo(f"wrote {summary.output}")
 
 
 def _check_output(output: str) -> None:

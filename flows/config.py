@@ -1,9 +1,11 @@
-"""TrainConfig: every knob of the train flow, validated once (CLI, flow and prefect.yaml)."""
+"""TrainConfig and ScoreConfig: each flow's knobs, validated once (CLI, flow, prefect.yaml)."""
 
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_VALIDATION_FRACTION = 0.2
 
 
 class TrainConfig(BaseModel):
@@ -48,6 +50,35 @@ class TrainConfig(BaseModel):
     )
     standardize: bool = Field(default=True, description="Train on standardized features.")
     dtype: Literal["float64", "float32"] = Field(default="float64")
+    validation_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Share of the rows held out for validation, stratified by label "
+        f"(default {DEFAULT_VALIDATION_FRACTION} without validation_data; 0 disables).",
+    )
+    validation_data: str | None = Field(
+        default=None, description="Separate validation data instead of a split (file/dir/glob)."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the validation split.")
+    validation_every: int = Field(
+        default=10, ge=1, description="Record validation_cost every this many iterations."
+    )
+
+    @property
+    def effective_validation_fraction(self) -> float:
+        """The split actually used: 0 with separate validation data."""
+        if self.validation_data is not None:
+            return 0.0
+        if self.validation_fraction is None:
+            return DEFAULT_VALIDATION_FRACTION
+        return self.validation_fraction
+
+    @model_validator(mode="after")
+    def _one_kind_of_validation(self) -> "TrainConfig":
+        if self.validation_data is not None and self.validation_fraction is not None:
+            raise ValueError("give validation_fraction or validation_data, not both")
+        return self
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -74,3 +105,19 @@ class TrainConfig(BaseModel):
         if duplicates:
             raise ValueError(f"features repeats {', '.join(duplicates)}")
         return features
+
+
+class ScoreConfig(BaseModel):
+    """Parameters of one scoring run: a trained model applied to new data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Directory of a train run (holds params.parquet).")
+    data: str = Field(description="A Parquet file, a directory of Parquet files, or a glob.")
+    output: str = Field(description="Parquet file to write the predictions to.")
+    threshold: float = Field(
+        default=0.5, ge=0, le=1, allow_inf_nan=False, description="Positive when p >= this."
+    )
+    batch_rows: int = Field(
+        default=131_072, ge=1, description="Rows per scored batch (bounds the memory)."
+    )

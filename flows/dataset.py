@@ -1,5 +1,6 @@
 """Parquet -> Dataset: find the files, validate schema and values, build the (n, m) matrix."""
 
+import dataclasses
 import fnmatch
 import glob
 import hashlib
@@ -64,6 +65,8 @@ class Dataset:
     standardized: bool
     files: tuple[Path, ...]
     fingerprint: str
+    # Held-out rows, standardized with this dataset's (the training rows') statistics.
+    validation: "Dataset | None" = None
 
     @property
     def n_examples(self) -> int:
@@ -144,14 +147,8 @@ def is_feature_dtype(dtype: pl.DataType) -> bool:
     return dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal)
 
 
-def plan_inputs(
-    data: str | Path, label: str = "label", features: list[str] | tuple[str, ...] | None = None
-) -> InputPlan:
-    """Check paths, schemas and column choices from the file footers alone.
-
-    Cheap (no data is read), so it runs before anything slow starts.
-    """
-    files = resolve_files(data)
+def common_schema(files: tuple[Path, ...]) -> dict[str, pl.DataType]:
+    """The schema every file shares (from the footers); any difference raises DataError."""
     schema = read_schema(files[0])
     for path in files[1:]:
         other = read_schema(path)
@@ -166,6 +163,18 @@ def plan_inputs(
                 )
         for name in other.keys() - schema.keys():
             raise DataError(f"present here but missing in {files[0]}", path=path, column=name)
+    return schema
+
+
+def plan_inputs(
+    data: str | Path, label: str = "label", features: list[str] | tuple[str, ...] | None = None
+) -> InputPlan:
+    """Check paths, schemas and column choices from the file footers alone.
+
+    Cheap (no data is read), so it runs before anything slow starts.
+    """
+    files = resolve_files(data)
+    schema = common_schema(files)
     where = files[0] if len(files) == 1 else str(data)
     if not schema:
         raise DataError("file has no columns", path=files[0])
@@ -276,6 +285,20 @@ def validate_values(
     ``dtype``: each raises DataError naming the file and the column.
     ``frame`` may be a scan of the files (streamed, nothing held) or data already read.
     """
+    labels, n_labels, ranges = check_values(plan, frame)
+    mapping = label_mapping(plan, labels, n_labels, positive_label)
+    check_ranges(plan, ranges, standardize=standardize, dtype=dtype)
+    return mapping
+
+
+def check_values(
+    plan: InputPlan, frame: pl.LazyFrame
+) -> tuple[list[Any], int, dict[str, float | None]]:
+    """The checks of :func:`validate_values` short of the label mapping and ranges.
+
+    Returns the label's first distinct values (sorted), how many there are, and
+    each feature's mean, standard deviation and largest magnitude.
+    """
     columns = [*plan.features, plan.label]
     checks = [pl.len().alias("rows")]
     checks += [pl.col(name).null_count().alias(f"null:{name}") for name in columns]
@@ -305,9 +328,7 @@ def validate_values(
             kind, name = key.split(":", 1)
             problem = "null values" if kind == "null" else "NaN or infinite values"
             raise DataError(f"{count} {problem}", path=_culprit_file(plan, name, kind), column=name)
-    mapping = label_mapping(plan, labels, n_labels, positive_label)
-    check_ranges(plan, ranges, standardize=standardize, dtype=dtype)
-    return mapping
+    return labels, n_labels, ranges
 
 
 def _range_checks(plan: InputPlan) -> list[pl.Expr]:
@@ -351,21 +372,117 @@ def load_dataset(
     standardize: bool = True,
     dtype: str = "float64",
     positive_label: str | None = None,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+    validation_plan: InputPlan | None = None,
 ) -> Dataset:
-    """Read the planned columns, validate their values and build the column-stacked matrices."""
-    columns = [*plan.features, plan.label]
-    try:
-        frame = scan(plan).collect()
-    except Exception as error:
-        raise _read_error(plan, error, columns) from None
+    """Read the planned columns, validate their values and build the column-stacked matrices.
+
+    With ``validation_fraction > 0`` that share of the rows (per label value, chosen
+    by ``seed``) is held out; with ``validation_plan`` those files are. Either way the
+    held-out rows are in ``Dataset.validation`` and the standardization statistics
+    come from the training rows alone.
+    """
+    frame = _read(plan)
     mapping = validate_values(
         plan, frame.lazy(), positive_label, standardize=standardize, dtype=dtype
     )
-    mean, scale = _statistics(plan, frame) if standardize else _identity(len(plan.features))
-    target = np.dtype(dtype)
-    X = np.empty((len(plan.features), frame.height), dtype=target)  # (n, m), C order
+    positive = (frame.get_column(plan.label) == mapping.positive).to_numpy()  # (m,) bool
+    train_rows = held_out_rows = None
+    if validation_fraction > 0:
+        held_out = stratified_holdout(positive, validation_fraction, seed)
+        if not held_out.any():
+            raise DataError(
+                f"too few rows to hold out a validation fraction of {validation_fraction:g}; "
+                "use 0 to disable validation",
+                path=_where(plan),
+            )
+        train_rows, held_out_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    if not standardize:
+        mean, scale = _identity(len(plan.features))
+    elif train_rows is None:
+        mean, scale = _statistics(plan, frame)
+    else:
+        mean, scale = _row_statistics(plan, frame, train_rows)
+
+    def build(plan: InputPlan, frame: pl.DataFrame, rows: Any, positive: np.ndarray) -> Dataset:
+        X = _matrix(plan, frame, rows, mean, scale, standardize, np.dtype(dtype))
+        Y = (positive if rows is None else positive[rows]).astype(dtype).reshape(1, -1)  # (1, m)
+        return Dataset(
+            X=X,
+            Y=Y,
+            features=plan.features,
+            label=plan.label,
+            label_mapping=mapping,
+            mean=mean,
+            scale=scale,
+            standardized=standardize,
+            files=plan.files,
+            fingerprint=fingerprint(plan.files),
+        )
+
+    validation = None
+    if held_out_rows is not None:
+        validation = build(plan, frame, held_out_rows, positive)
+    elif validation_plan is not None:
+        validation_frame = _read(validation_plan)
+        check_held_out_labels(plan, validation_plan, validation_frame.lazy(), mapping)
+        held_out_positive = (validation_frame.get_column(plan.label) == mapping.positive).to_numpy()
+        validation = build(validation_plan, validation_frame, None, held_out_positive)
+    training = build(plan, frame, train_rows, positive)
+    return dataclasses.replace(training, validation=validation)
+
+
+def stratified_holdout(positive: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which rows to hold out: ``round(fraction * count)`` of each label value, by ``seed``.
+
+    Deterministic for a given seed and row order. At least one row of each value
+    stays in training, so the fit always sees both classes.
+
+    Parameters
+    ----------
+    positive : ndarray of shape (n_examples,), bool
+    fraction : float in [0, 1)
+    seed : int
+
+    Returns
+    -------
+    held_out : ndarray of shape (n_examples,), bool
+    """
+    rng = np.random.default_rng(seed)
+    held_out = np.zeros(positive.shape, dtype=bool)
+    for value in (False, True):
+        rows = np.flatnonzero(positive == value)
+        count = min(math.floor(fraction * rows.size + 0.5), rows.size - 1)
+        if count > 0:
+            held_out[rng.choice(rows, size=count, replace=False)] = True
+    return held_out
+
+
+def _read(plan: InputPlan) -> pl.DataFrame:
+    columns = [*plan.features, plan.label]
+    try:
+        return scan(plan).collect()
+    except Exception as error:
+        raise _read_error(plan, error, columns) from None
+
+
+def _matrix(
+    plan: InputPlan,
+    frame: pl.DataFrame,
+    rows: np.ndarray | None,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    standardize: bool,
+    target: np.dtype,
+) -> np.ndarray:
+    """The ``(n_features, len(rows))`` C-ordered matrix of the chosen rows (all when None)."""
+    m = frame.height if rows is None else rows.size
+    X = np.empty((len(plan.features), m), dtype=target)  # (n, m), C order
     for j, name in enumerate(plan.features):
         values = frame.get_column(name).cast(pl.Float64).to_numpy()  # zero-copy for f64
+        if rows is not None:
+            values = values[rows]
         with np.errstate(over="ignore"):  # out-of-range float32 values are reported below
             if standardize:
                 # Standardize in float64 while filling the one row, so float32 loses
@@ -374,21 +491,30 @@ def load_dataset(
             else:
                 X[j] = values
         if target != np.float64 and not np.all(np.isfinite(X[j])):
-            raise DataError(f"values exceed the {dtype} range", path=_where(plan), column=name)
-    labels = frame.get_column(plan.label)
-    Y = (labels == mapping.positive).to_numpy().astype(target).reshape(1, -1)  # (1, m)
-    return Dataset(
-        X=X,
-        Y=Y,
-        features=plan.features,
-        label=plan.label,
-        label_mapping=mapping,
-        mean=mean,
-        scale=scale,
-        standardized=standardize,
-        files=plan.files,
-        fingerprint=fingerprint(plan.files),
-    )
+            raise DataError(f"values exceed the {target} range", path=_where(plan), column=name)
+    return X
+
+
+def check_held_out_labels(
+    plan: InputPlan, held_out: InputPlan, frame: pl.LazyFrame, mapping: LabelMapping
+) -> None:
+    """Separate validation data: valid values, and only the training label's two values."""
+    if held_out.schema[plan.label] != plan.schema[plan.label]:
+        raise DataError(
+            f"label has type {held_out.schema[plan.label]}, but {plan.schema[plan.label]} "
+            "in the training data",
+            path=_where(held_out),
+            column=plan.label,
+        )
+    labels, n_labels, _ = check_values(held_out, frame)
+    unknown = [v for v in labels if v not in (mapping.negative, mapping.positive)]
+    if unknown or n_labels > 2:
+        raise DataError(
+            f"label value {(unknown or labels)[0]!r} is not one of the training labels "
+            f"({mapping.negative!r}, {mapping.positive!r})",
+            path=_where(held_out),
+            column=plan.label,
+        )
 
 
 def label_mapping(
@@ -468,14 +594,33 @@ def _statistics(plan: InputPlan, frame: pl.DataFrame) -> tuple[np.ndarray, np.nd
         + [pl.col(n).cast(pl.Float64).std(ddof=0).alias(f"std:{n}") for n in plan.features]
     ).row(0)
     n = len(plan.features)
-    mean = np.array(stats[:n], dtype=np.float64)
-    std = np.array(stats[n:], dtype=np.float64)
+    return _checked_scale(
+        plan, np.array(stats[:n], dtype=np.float64), np.array(stats[n:], dtype=np.float64)
+    )
+
+
+def _checked_scale(
+    plan: InputPlan, mean: np.ndarray, std: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     for j, name in enumerate(plan.features):
         if not (math.isfinite(mean[j]) and math.isfinite(std[j])):
             raise DataError("values too large to standardize", path=_where(plan), column=name)
     # A (near-)constant feature is centered and left unscaled, as StandardScaler does.
     constant = std <= 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))
     return mean, np.where(constant, 1.0, std)
+
+
+def _row_statistics(
+    plan: InputPlan, frame: pl.DataFrame, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_statistics`, over the given rows only (the training split)."""
+    n = len(plan.features)
+    mean, std = np.empty(n), np.empty(n)
+    for j, name in enumerate(plan.features):
+        values = frame.get_column(name).cast(pl.Float64).to_numpy()[rows]
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean[j], std[j] = np.mean(values), np.std(values)
+    return _checked_scale(plan, mean, std)
 
 
 def _identity(n: int) -> tuple[np.ndarray, np.ndarray]:

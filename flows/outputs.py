@@ -28,7 +28,13 @@ METADATA_KEY = b"lrflow"
 
 PARAMS_SCHEMA = pa.schema([("term", pa.string()), ("estimate", pa.float64())])
 COST_HISTORY_SCHEMA = pa.schema(
-    [("iteration", pa.int64()), ("cost", pa.float64()), ("gradient_norm", pa.float64())]
+    [
+        ("iteration", pa.int64()),
+        ("cost", pa.float64()),
+        ("gradient_norm", pa.float64()),
+        # Log-loss on the validation rows; null where not evaluated or without validation.
+        ("validation_cost", pa.float64()),
+    ]
 )
 METRICS_SCHEMA = pa.schema(
     [("split", pa.string()), ("metric", pa.string()), ("value", pa.float64())]
@@ -64,12 +70,21 @@ def params_table(features: tuple[str, ...], w_raw: np.ndarray, b_raw: float) -> 
     )
 
 
-def cost_history_table(cost_history: np.ndarray, gradient_norm: np.ndarray) -> pa.Table:
+def cost_history_table(
+    cost_history: np.ndarray,
+    gradient_norm: np.ndarray,
+    validation_cost: np.ndarray | None = None,
+) -> pa.Table:
+    """One row per iteration; ``validation_cost`` NaN entries (not evaluated) become null."""
+    if validation_cost is None:
+        validation_cost = np.full(len(cost_history), np.nan)
+    validation_cost = np.asarray(validation_cost, dtype=np.float64)
     return pa.table(
         {
             "iteration": np.arange(len(cost_history), dtype=np.int64),
             "cost": np.asarray(cost_history, dtype=np.float64),
             "gradient_norm": np.asarray(gradient_norm, dtype=np.float64),
+            "validation_cost": pa.array(validation_cost, mask=np.isnan(validation_cost)),
         },
         schema=COST_HISTORY_SCHEMA,
     )
@@ -90,6 +105,25 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> pa.Table:
         },
         schema=METRICS_SCHEMA,
     )
+
+
+def metrics_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """The metrics as rows for a Prefect table artifact, rounded for reading."""
+    return [
+        {"split": split, "metric": name, "value": round(float(value), 6)}
+        for split, values in metrics.items()
+        for name, value in values.items()
+    ]
+
+
+def evaluate(dataset: Dataset, result: FitResult) -> dict[str, dict[str, float]]:
+    """Every contracted metric on the training rows and, if any, the validation rows."""
+    Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
+    metrics = {"train": binary_metrics(Z, dataset.Y)}
+    if dataset.validation is not None:
+        held_out = dataset.validation
+        metrics["validation"] = binary_metrics(result.w.T @ held_out.X + result.b, held_out.Y)
+    return metrics
 
 
 def with_metadata(table: pa.Table, metadata: Mapping[str, Any]) -> pa.Table:
@@ -154,6 +188,7 @@ def run_metadata(
         "input_files": [str(p) for p in dataset.files],
         "input_fingerprint": dataset.fingerprint,
         "n_examples": dataset.n_examples,
+        "validation": _validation_metadata(dataset, config),
         "fit": {
             "n_iterations": result.n_iterations,
             "stop_reason": result.stop_reason,
@@ -166,6 +201,20 @@ def run_metadata(
     }
 
 
+def _validation_metadata(dataset: Dataset, config: TrainConfig) -> dict[str, Any] | None:
+    held_out = dataset.validation
+    if held_out is None:
+        return None
+    return {
+        "fraction": config.effective_validation_fraction or None,
+        "seed": config.seed,
+        "n_examples": held_out.n_examples,
+        "input_files": [str(p) for p in held_out.files],
+        "input_fingerprint": held_out.fingerprint,
+        "cost_every": config.validation_every,
+    }
+
+
 def write_run_outputs(
     output: Path,
     dataset: Dataset,
@@ -174,22 +223,26 @@ def write_run_outputs(
     *,
     started_at: datetime,
     run_id: str | None = None,
+    validation_cost: np.ndarray | None = None,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> list[Path]:
     """Write params, cost history and metrics of a finished fit as one output set.
 
-    ``extra_files`` (name -> bytes, e.g. the cost curve picture) join the same set.
-    Returns the paths of the data files, then of the ``_SUCCESS`` manifest.
+    ``validation_cost`` is ``(n_iterations + 1,)`` with NaN where not evaluated;
+    ``metrics`` default to :func:`evaluate`'s; ``extra_files`` (name -> bytes,
+    e.g. the cost curve picture) join the same set. Returns the paths of the
+    files, then of the ``_SUCCESS`` manifest.
     """
     run_id = run_id or uuid.uuid4().hex
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, dataset.mean, dataset.scale)
-    Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
-    metrics = {"train": binary_metrics(Z, dataset.Y)}
+    if metrics is None:
+        metrics = evaluate(dataset, result)
     metadata = run_metadata(dataset, result, config, started_at=started_at, run_id=run_id)
     tables = {
         "params.parquet": params_table(dataset.features, w_raw, b_raw),
         "cost_history.parquet": cost_history_table(
-            result.cost_history, result.gradient_norm_history
+            result.cost_history, result.gradient_norm_history, validation_cost
         ),
         "metrics.parquet": metrics_table(metrics),
     }

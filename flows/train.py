@@ -7,7 +7,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
@@ -24,8 +26,9 @@ from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, s
 from flows.config import TrainConfig
 from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
-from flows.outputs import write_run_outputs
+from flows.outputs import evaluate, metrics_rows, write_run_outputs
 from lr_kernel import FitResult, fit
+from lr_kernel.metrics import HeldOutCost
 from lr_kernel.stepsize import stable_learning_rate
 
 
@@ -54,6 +57,8 @@ class TrainSummary(BaseModel):
     final_cost: float
     stop_reason: str
     seconds: float
+    n_validation_examples: int = 0
+    metrics: dict[str, dict[str, float]] = {}
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -74,6 +79,7 @@ def fit_dataset(
     config: TrainConfig,
     run_id: str | None = None,
     callback: Callable[[int, float], None] | None = None,
+    monitor: Callable[[int, np.ndarray, float], None] | None = None,
 ) -> FitResult:
     """Train on a loaded dataset; a diverged run raises instead of returning garbage.
 
@@ -97,6 +103,7 @@ def fit_dataset(
             l2=config.l2,
             tol=config.tol,
             callback=callback,
+            monitor=monitor,
             optimizer=config.optimizer,
             n_threads=config.threads or available_cores(),
             resume=resume,
@@ -122,6 +129,32 @@ def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
     return config.learning_rate
 
 
+def fit_with_validation_cost(
+    dataset: Dataset,
+    config: TrainConfig,
+    run_id: str | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> tuple[FitResult, np.ndarray | None]:
+    """:func:`fit_dataset`, plus the validation log-loss every ``validation_every`` updates.
+
+    Returns the result and the validation cost per iteration, ``(n_iterations + 1,)``
+    with NaN where not evaluated (the final iteration always is), or None.
+    """
+    held_out = dataset.validation
+    if held_out is None:
+        return fit_dataset(dataset, config, run_id, callback), None
+    monitor = HeldOutCost(held_out.X, held_out.Y, every=config.validation_every)
+    result = fit_dataset(dataset, config, run_id, callback, monitor)
+    return result, monitor.history(result.n_iterations, result.w, result.b)
+
+
+def publish_metrics(metrics: dict[str, dict[str, float]], key: str) -> None:
+    """The metrics as a small table artifact in the Prefect UI."""
+    create_table_artifact(
+        table=metrics_rows(metrics), key=key, description="Metrics per split (metrics.parquet)"
+    )
+
+
 # Large arrays pass between these tasks: hashing them for a cache key would cost a
 # pass over X for nothing, so none of them caches.
 @task(
@@ -134,11 +167,17 @@ def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
 def load_data(config: TrainConfig) -> Dataset:
     plan = plan_inputs(config.data, config.label, config.features)
     check_output_location(config.data, config.output)
+    validation_plan = None
+    if config.validation_data is not None:
+        validation_plan = plan_inputs(config.validation_data, config.label, plan.features)
     return load_dataset(
         plan,
         standardize=config.standardize,
         dtype=config.dtype,
         positive_label=config.positive_label,
+        validation_fraction=config.effective_validation_fraction,
+        seed=config.seed,
+        validation_plan=validation_plan,
     )
 
 
@@ -150,10 +189,15 @@ def load_data(config: TrainConfig) -> Dataset:
     retry_condition_fn=retry_unless_bad_input,
     cache_policy=NO_CACHE,
 )
-def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
+def fit_model(dataset: Dataset, config: TrainConfig) -> tuple[FitResult, np.ndarray | None]:
     run_id = str(flow_run.id) if flow_run.id else None
     with training_progress(config.iterations) as on_update:
-        return fit_dataset(dataset, config, run_id=run_id, callback=on_update)
+        return fit_with_validation_cost(dataset, config, run_id=run_id, callback=on_update)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(dataset: Dataset, result: FitResult) -> dict[str, dict[str, float]]:
+    return evaluate(dataset, result)
 
 
 @task(
@@ -164,7 +208,12 @@ def fit_model(dataset: Dataset, config: TrainConfig) -> FitResult:
     cache_policy=NO_CACHE,
 )
 def write_outputs(
-    dataset: Dataset, result: FitResult, config: TrainConfig, started_at: datetime
+    dataset: Dataset,
+    result: FitResult,
+    config: TrainConfig,
+    started_at: datetime,
+    validation_cost: np.ndarray | None = None,
+    metrics: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:
     return write_run_outputs(
         Path(config.output),
@@ -173,6 +222,8 @@ def write_outputs(
         config,
         started_at=started_at,
         run_id=flow_run.id,
+        validation_cost=validation_cost,
+        metrics=metrics,
         extra_files={COST_CURVE_FILE: cost_curve_png(result.cost_history)},
     )
 
@@ -191,6 +242,7 @@ def publish_artifacts(
         stop_reason=result.stop_reason,
         seconds=seconds,
         outputs=files,
+        n_validation=0 if dataset.validation is None else dataset.validation.n_examples,
     )
 
 
@@ -212,16 +264,20 @@ def train(config: TrainConfig) -> TrainSummary:
     if config.learning_rate == "auto":  # resolved once, so the outputs record the number
         config = config.model_copy(update={"learning_rate": resolve_learning_rate(dataset, config)})
         logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
-    result = fit_model(dataset, config)
+    if dataset.validation is not None:
+        logger.info("holding out %d examples for validation", dataset.validation.n_examples)
+    result, validation_cost = fit_model(dataset, config)
     logger.info(
         "fit stopped after %d iterations (%s), cost %.6g",
         result.n_iterations,
         result.stop_reason,
         result.cost_history[-1],
     )
-    files = write_outputs(dataset, result, config, started_at)
+    metrics = evaluate_model(dataset, result)
+    files = write_outputs(dataset, result, config, started_at, validation_cost, metrics)
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
     publish_artifacts(dataset, result, config, files, time.perf_counter() - clock)
+    publish_metrics(metrics, "train-metrics")
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],
@@ -231,6 +287,8 @@ def train(config: TrainConfig) -> TrainSummary:
         final_cost=float(result.cost_history[-1]),
         stop_reason=result.stop_reason,
         seconds=time.perf_counter() - clock,
+        n_validation_examples=0 if dataset.validation is None else dataset.validation.n_examples,
+        metrics=metrics,
     )
 
 

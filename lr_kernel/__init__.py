@@ -15,7 +15,13 @@ Conventions
   ``scikit-learn``'s ``LogisticRegression(C=1/l2)`` minimizes ``m`` times it.
 - ``cost_history[i]`` is ``J`` at the parameters before update ``i + 1``; row 0 is
   the cost of the initial parameters.
+
+``LogisticRegressionGD`` (scikit-learn's estimator API, needs ``lrflow[sklearn]``)
+is importable from here but loaded on first use, so that ``import lr_kernel``
+never imports scikit-learn.
 """
+
+from typing import Any
 
 from lr_kernel.loss import (
     FusedLoss,
@@ -43,3 +49,12 @@ __all__ = [
     "predict_proba",
     "sigmoid",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: scikit-learn is optional and slow to import; load it only when asked.
+    if name == "LogisticRegressionGD":
+        from lr_kernel.estimator import LogisticRegressionGD
+
+        return LogisticRegressionGD
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,15 +4,85 @@ import numpy as np
 
 from lr_kernel.loss import FloatArray
 
+METRIC_NAMES = (
+    "log_loss",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "n_examples",
+    "positive_rate",
+)
 
-def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict[str, float]:
-    """Log-loss and accuracy of scores ``Z`` against 0/1 labels ``Y``.
+
+def log_loss(Z: FloatArray, Y: FloatArray) -> float:
+    """Mean log-loss of scores ``Z`` against 0/1 labels ``Y``, with no penalty term.
 
     Parameters
     ----------
     Z : ndarray of shape (1, n_examples)
-        Scores ``wᵀX + b`` (log-odds), not probabilities: the log-loss is computed
-        as ``softplus(Z) - Y Z``, finite however confident a wrong prediction is.
+        Scores ``wᵀX + b`` (log-odds), not probabilities: the loss is computed as
+        ``softplus(Z) - Y Z``, finite however confident a wrong prediction is.
+    Y : ndarray of shape (1, n_examples)
+        Labels, 0.0 or 1.0.
+
+    Returns
+    -------
+    float, in float64 whatever the inputs' dtype.
+    """
+    Z64 = Z.astype(np.float64, copy=False)
+    losses = np.maximum(Z64, 0.0) + np.log1p(np.exp(-np.abs(Z64))) - Y * Z64  # (1, m)
+    return float(np.mean(losses))
+
+
+def roc_auc(Z: FloatArray, Y: FloatArray) -> float:
+    """Area under the ROC curve: the probability that a positive outranks a negative.
+
+    Rank-based (Mann-Whitney U): a tied positive/negative pair counts one half,
+    which is what the trapezoidal area under scikit-learn's ROC curve gives.
+    Counts are summed in integers, so the result is exact up to one division.
+
+    Parameters
+    ----------
+    Z : ndarray of shape (1, n_examples) or (n_examples,)
+        Any scores that order the examples (log-odds or probabilities).
+    Y : ndarray of the same size
+        Labels, 0.0 or 1.0.
+
+    Returns
+    -------
+    float in ``[0, 1]``; NaN when ``Y`` holds only one class (the area is undefined).
+    """
+    scores = np.ravel(Z)
+    positive = np.ravel(Y) == 1.0
+    n_positive = int(np.count_nonzero(positive))
+    n_negative = positive.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    sorted_positive = positive[order]
+    # Group equal scores: `starts` are the first index of each run of ties.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    positives_in_group = np.add.reduceat(sorted_positive.astype(np.int64), starts)
+    sizes = np.diff(np.r_[starts, scores.size])
+    negatives_in_group = sizes - positives_in_group
+    negatives_below = np.cumsum(negatives_in_group) - negatives_in_group
+    # Each positive beats every negative in a lower group and ties half of its own.
+    twice_wins = int(
+        np.sum(2 * positives_in_group * negatives_below + positives_in_group * negatives_in_group)
+    )
+    return float(twice_wins / (2 * n_positive * n_negative))
+
+
+def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict[str, float]:
+    """Every metric of the output contract, from scores ``Z`` and 0/1 labels ``Y``.
+
+    Parameters
+    ----------
+    Z : ndarray of shape (1, n_examples)
+        Scores ``wᵀX + b`` (log-odds), not probabilities.
     Y : ndarray of shape (1, n_examples)
         Labels, 0.0 or 1.0.
     threshold : float, default 0.5
@@ -20,11 +90,13 @@ def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict
 
     Returns
     -------
-    dict with ``log_loss``, ``accuracy``, ``n_examples`` and ``positive_rate``.
+    dict with the keys of ``METRIC_NAMES``, in that order. ``precision`` is 0.0
+    when nothing is predicted positive, ``recall`` when there is no positive and
+    ``f1`` when both are 0 (scikit-learn's ``zero_division`` default);
+    ``roc_auc`` is NaN when ``Y`` holds one class.
     """
     Z64 = Z.astype(np.float64, copy=False)
     Y64 = Y.astype(np.float64, copy=False)
-    losses = np.maximum(Z64, 0.0) + np.log1p(np.exp(-np.abs(Z64))) - Y64 * Z64  # (1, m)
     # sigmoid(Z) >= t  <=>  Z >= logit(t), with no rounding of the probability.
     if threshold <= 0.0:
         predicted = np.ones_like(Y64, dtype=bool)
@@ -32,9 +104,74 @@ def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict
         predicted = np.zeros_like(Y64, dtype=bool)
     else:
         predicted = Z64 >= np.log(threshold) - np.log1p(-threshold)
+    actual = Y64 == 1.0
+    true_positives = int(np.count_nonzero(predicted & actual))
+    n_predicted = int(np.count_nonzero(predicted))
+    n_actual = int(np.count_nonzero(actual))
+    precision = true_positives / n_predicted if n_predicted else 0.0
+    recall = true_positives / n_actual if n_actual else 0.0
+    # 2 TP / (2 TP + FP + FN), the same value as 2 P R / (P + R) with one rounding.
+    f1 = 2 * true_positives / (n_predicted + n_actual) if true_positives else 0.0
     return {
-        "log_loss": float(np.mean(losses)),
-        "accuracy": float(np.mean(predicted == (Y64 == 1.0))),
+        "log_loss": log_loss(Z64, Y64),
+        "accuracy": float(np.mean(predicted == actual)),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "roc_auc": roc_auc(Z64, Y64),
         "n_examples": float(Y64.shape[1]),
         "positive_rate": float(np.mean(Y64)),
     }
+
+
+class HeldOutCost:
+    """A ``fit(monitor=...)`` hook: the log-loss on held-out data every ``every``-th update.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_features, n_held_out)
+        Held-out examples, scaled as the training ``X``; only read.
+    Y : ndarray of shape (1, n_held_out)
+        Their 0/1 labels.
+    every : int, default 1
+        Evaluate at iterations ``0, every, 2 every, ...``; the others stay NaN.
+
+    Use :meth:`history` after the fit: it also evaluates the final parameters.
+    """
+
+    def __init__(self, X: FloatArray, Y: FloatArray, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.X = X
+        self.Y = Y
+        self.every = every
+        self._costs: dict[int, float] = {}
+
+    def cost(self, w: FloatArray, b: float) -> float:
+        """Log-loss (no penalty) of ``(w, b)`` on the held-out examples."""
+        return log_loss(w.T @ self.X + b, self.Y)  # (1, n_held_out) scores
+
+    def __call__(self, iteration: int, w: FloatArray, b: float) -> None:
+        if iteration % self.every == 0:
+            self._costs[iteration] = self.cost(w, b)
+
+    def history(self, n_iterations: int, w: FloatArray, b: float) -> FloatArray:
+        """Held-out cost per iteration, NaN where not evaluated.
+
+        Parameters
+        ----------
+        n_iterations : int
+            Updates the fit applied (``FitResult.n_iterations``).
+        w : ndarray of shape (n_features, 1), b : float
+            The final parameters, always evaluated.
+
+        Returns
+        -------
+        ndarray of shape (n_iterations + 1,), float64
+        """
+        costs = np.full(n_iterations + 1, np.nan)
+        for iteration, value in self._costs.items():
+            if iteration <= n_iterations:
+                costs[iteration] = value
+        costs[n_iterations] = self.cost(w, b)
+        return costs

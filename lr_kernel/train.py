@@ -97,6 +97,7 @@ class _History:
         resume: TrainState | None = None,
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[TrainState], None] | None = None,
+        monitor: Callable[[int, FloatArray, float], None] | None = None,
     ) -> None:
         self.costs: list[float] = [] if resume is None else resume.cost_history.tolist()
         self.grad_norms: list[float] = (
@@ -105,21 +106,25 @@ class _History:
         self.callback = callback
         self.checkpoint_every = checkpoint_every if on_checkpoint is not None else 0
         self.on_checkpoint = on_checkpoint
+        self.monitor = monitor
 
     @property
     def n_iterations(self) -> int:
         return len(self.costs) - 1
 
-    def start(self, cost: float, dw: FloatArray, db: float) -> None:
+    def start(self, cost: float, dw: FloatArray, db: float, w: FloatArray, b: float) -> None:
         """Record the starting point, unless a resumed history already holds it."""
         if not self.costs:
-            self.record(cost, dw, db)
+            self.record(cost, dw, db, w, b)
 
-    def record(self, cost: float, dw: FloatArray, db: float) -> None:
+    def record(self, cost: float, dw: FloatArray, db: float, w: FloatArray, b: float) -> None:
+        """Add the row of the parameters ``(w, b)``, whose cost and gradients these are."""
         self.costs.append(cost)
         self.grad_norms.append(math.hypot(float(np.linalg.norm(dw)), db))
         if self.callback is not None:
             self.callback(len(self.costs) - 1, cost)
+        if self.monitor is not None:
+            self.monitor(len(self.costs) - 1, w, b)
 
     def trailing_rises(self, rise_rtol: float) -> int:
         """Rises in a row at the end of the history: the divergence counter, rebuilt."""
@@ -187,6 +192,7 @@ def fit(
     resume: TrainState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    monitor: Callable[[int, FloatArray, float], None] | None = None,
 ) -> FitResult:
     """Minimize the regularized log-loss with full-batch gradient descent or a faster solver.
 
@@ -233,6 +239,10 @@ def fit(
         :class:`TrainState` (0: never).
     on_checkpoint : callable ``(TrainState) -> None``, optional
         Receives copies; it may save them anywhere.
+    monitor : callable ``(iteration, w, b) -> None``, optional
+        Called at the same points as ``callback`` with the parameters whose cost
+        that is (e.g. to track a held-out cost). ``w`` is the live
+        ``(n_features, 1)`` array: read it, never keep or modify it.
 
     Returns
     -------
@@ -269,7 +279,7 @@ def fit(
             raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
         w = np.array(w0, dtype=X.dtype)
     loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads)
-    history = _History(callback, resume, checkpoint_every, on_checkpoint)
+    history = _History(callback, resume, checkpoint_every, on_checkpoint, monitor)
     if history.n_iterations >= iterations:  # resumed at or past the end: nothing left
         return history.result(w, float(b0), "iterations")
     if optimizer == "lbfgs":
@@ -297,7 +307,7 @@ def _gradient_descent(
 ) -> FitResult:
     rise_rtol = _rise_rtol(loss)
     cost, dw, db = loss(w, b, l2)
-    history.start(cost, dw, db)
+    history.start(cost, dw, db, w, b)
     initial = history.costs[0]
     stop_reason: StopReason = "iterations"
     rises = history.trailing_rises(rise_rtol)
@@ -306,7 +316,7 @@ def _gradient_descent(
         b -= learning_rate * db
         previous = cost
         cost, dw, db = loss(w, b, l2)
-        history.record(cost, dw, db)
+        history.record(cost, dw, db, w, b)
         if not math.isfinite(cost) or not math.isfinite(history.grad_norms[-1]):
             stop_reason = "diverged"
             break
@@ -350,7 +360,7 @@ def _nesterov(
         b = float(momentum_state["b_step"])
         t = float(momentum_state["t"])
     cost, dw, db = loss(v, c, l2)
-    history.start(cost, dw, db)
+    history.start(cost, dw, db, v, c)
     initial = history.costs[0]
     stop_reason: StopReason = "iterations"
     rises = history.trailing_rises(rise_rtol)
@@ -366,7 +376,7 @@ def _nesterov(
         c = b_next + momentum * (b_next - b)
         w, b, t = w_next, b_next, t_next
         cost, dw, db = loss(v, c, l2)
-        history.record(cost, dw, db)
+        history.record(cost, dw, db, v, c)
         if not math.isfinite(cost) or not math.isfinite(history.grad_norms[-1]):
             stop_reason = "diverged"
             break
@@ -418,15 +428,18 @@ def _lbfgs(
         _, cost, dw, db = last[0]
         return cost, dw, db
 
+    def parameters(theta: FloatArray) -> tuple[FloatArray, float]:
+        return theta[:n].reshape(n, 1).astype(dtype), float(theta[n])
+
     theta0 = np.concatenate([w.ravel().astype(np.float64), [b]])
-    history.start(*evaluated_at(theta0))
+    history.start(*evaluated_at(theta0), *parameters(theta0))
     accepted = [theta0]
 
     def on_iteration(intermediate_result: scipy.optimize.OptimizeResult) -> None:
         theta = np.asarray(intermediate_result.x, dtype=np.float64)
         accepted.append(theta.copy())
-        history.record(*evaluated_at(theta))
-        history.checkpoint("lbfgs", theta[:n].reshape(n, 1).astype(dtype), float(theta[n]))
+        history.record(*evaluated_at(theta), *parameters(theta))
+        history.checkpoint("lbfgs", *parameters(theta))
 
     result = scipy.optimize.minimize(
         objective,

@@ -72,11 +72,12 @@ def test_train_writes_the_contracted_outputs(prefect_api, sample_file, tmp_path,
     assert meta["features"] == ["x1", "x2"]
     assert meta["label_mapping"] == {"negative": False, "positive": True, "dtype": "Boolean"}
     assert meta["config"]["l2"] == 0.1
-    assert meta["n_examples"] == 40
+    assert meta["n_examples"] == 32  # the default validation split holds out 20%
+    assert meta["validation"]["n_examples"] == 8
     assert meta["input_files"] == [str(sample_file)]
     for key in ("feature_mean", "feature_scale", "input_fingerprint", "versions", "started_at"):
         assert key in meta
-    assert "trained on 40 examples" in capsys.readouterr().out
+    assert "trained on 32 examples" in capsys.readouterr().out
 
 
 def _real_dataset(name):
@@ -112,6 +113,7 @@ def test_parameters_match_scikit_learn_on_real_data(
         "train", "--data", path, "--output", out, "--label", "target", "--l2", l2,
         "--iterations", 200_000, "--learning-rate", 1.0, "--tol", 1e-15,
         "--optimizer", optimizer,
+        "--validation-fraction", 0,
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
     raw = np.column_stack(list(columns.values()))  # (m, n)

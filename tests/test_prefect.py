@@ -102,7 +102,7 @@ def test_report_names_data_config_training_metrics_and_outputs(tmp_path):
         outputs=[tmp_path / "params.parquet"],
     )
     for expected in [
-        "| files | 2 |", "| rows | 1234 |", "2: age, income", "`in/b.parquet`",
+        "| files | 2 |", "| training rows | 1234 |", "2: age, income", "`in/b.parquet`",
         "| iterations run | 77 |", "| stop reason | iterations |", "| final cost | 0.4321 |",
         "| train | accuracy | 0.875 |", "| wall time (s) | 1.5 |", "| l2 | 0.25 |",
         f"`{tmp_path / 'params.parquet'}`",
@@ -184,7 +184,7 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
         "params.parquet", "cost_history.parquet", "metrics.parquet", "cost_history.png", "_SUCCESS",
     ]  # fmt: skip
     assert set(found) == {
-        "train-progress", "train-parameters", "train-report", "train-cost-curve",
+        "train-progress", "train-parameters", "train-report", "train-cost-curve", "train-metrics",
         *(output_link_key(Path(name)) for name in outputs),
     }  # fmt: skip
 
@@ -205,7 +205,11 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
     assert found["train-report"].type == "markdown"
     assert f"| iterations run | {summary.n_iterations} |" in report
     assert f"| stop reason | {summary.stop_reason} |" in report
-    assert "| rows | 40 |" in report and "2: x1, x2" in report
+    assert (
+        "| training rows | 32 |" in report
+        and "| validation rows | 8 |" in report
+        and "2: x1, x2" in report
+    )
     assert "| train | accuracy |" in report and str(out / "metrics.parquet") in report
 
     curve = found["train-cost-curve"].data

@@ -529,7 +529,7 @@ def test_learning_rate_auto_runs_and_records_the_number(prefect_api, sample_file
     out = tmp_path / "out"
     assert run_cli("train", "--data", sample_file, "--output", out, "--learning-rate", "auto") == 0
     meta = read_metadata(out / "params.parquet")
-    dataset = load_dataset(plan_inputs(sample_file))
+    dataset = load_dataset(plan_inputs(sample_file), validation_fraction=0.2)  # the CLI's default
     assert meta["config"]["learning_rate"] == pytest.approx(
         stable_learning_rate(dataset.X), rel=1e-12
     )

@@ -1,0 +1,83 @@
+"""The score flow: a trained model applied to new Parquet data, in batches of bounded memory."""
+
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.config import ScoreConfig
+from flows.scoring import (
+    Model,
+    ProgressLog,
+    ScoreResult,
+    check_output_file,
+    load_model,
+    plan_scoring,
+    score_metadata,
+    score_to_parquet,
+)
+
+
+class ScoreSummary(BaseModel):
+    """What a score run returns (and the CLI prints)."""
+
+    output: str
+    n_rows: int
+    n_positive: int
+    mean_probability: float
+    seconds: float
+
+
+@task(name="load-model", cache_policy=NO_CACHE)
+def load_model_task(config: ScoreConfig) -> Model:
+    return load_model(config.model)
+
+
+@task(name="score-data", cache_policy=NO_CACHE)
+def score_data(model: Model, config: ScoreConfig) -> ScoreResult:
+    plan = plan_scoring(model, config.data)
+    metadata = score_metadata(model, plan, config) | {"run_id": flow_run.id}
+    return score_to_parquet(
+        plan,
+        model,
+        check_output_file(config.output),
+        threshold=config.threshold,
+        batch_rows=config.batch_rows,
+        metadata=metadata,
+        progress=ProgressLog(get_run_logger()),
+    )
+
+
+@flow(name="score", validate_parameters=True)
+def score(config: ScoreConfig) -> ScoreSummary:
+    """Apply a trained model to Parquet data; write keys, probability and prediction."""
+    logger = get_run_logger()
+    logger.info("config: %s", config.model_dump_json())
+    clock = time.perf_counter()
+    model = load_model_task(config)
+    result = score_data(model, config)
+    create_table_artifact(
+        table=[
+            {"metric": "n_rows", "value": result.n_rows},
+            {"metric": "n_positive", "value": result.n_positive},
+            {"metric": "mean_probability", "value": round(result.mean_probability, 6)},
+        ],
+        key="score-metrics",
+        description=f"Predictions written to {result.output}",
+    )
+    return ScoreSummary(
+        output=str(result.output),
+        n_rows=result.n_rows,
+        n_positive=result.n_positive,
+        mean_probability=result.mean_probability,
+        seconds=time.perf_counter() - clock,
+    )
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    main(["score", *__import__("sys").argv[1:]])
