@@ -22,11 +22,12 @@ from lr_kernel.loss import (
     LossFunction,
     default_block_size,
     loss_and_gradients,
+    loss_from_sums,
     loss_and_gradients_naive,
     predict_proba,
     sigmoid,
 )
-from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, StopReason, fit
+from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, StopReason, fit, fit_loss
 
 __all__ = [
     "OPTIMIZERS",
@@ -37,7 +38,9 @@ __all__ = [
     "StopReason",
     "default_block_size",
     "fit",
+    "fit_loss",
     "loss_and_gradients",
+    "loss_from_sums",
     "loss_and_gradients_naive",
     "predict_proba",
     "sigmoid",
