@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from flows.backends import resolve_backend
 from flows.config import TrainConfig
 from flows.dataset import plan_inputs, scan, validate_values
 from flows.errors import DataError, LrflowError
@@ -63,6 +64,26 @@ def train(
         bool, typer.Option("--standardize/--no-standardize", help="Train on standardized features.")
     ] = True,
     dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    backend: Annotated[
+        str,
+        typer.Option(help="auto, memory, stream or dask [auto: memory if it fits the budget]."),
+    ] = "auto",
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="Memory the data may take, e.g. 256MB, 2GiB [default: half the RAM]."),
+    ] = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Directory of the stream cache [default: $TMPDIR].")
+    ] = None,
+    cleanup_cache: Annotated[
+        bool,
+        typer.Option("--cleanup-cache/--keep-cache", help="Delete the stream cache after the run."),
+    ] = False,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler tcp://HOST:PORT [default: start a LocalCluster]."),
+    ] = None,
+    dask_workers: Annotated[int, typer.Option(help="Workers of the LocalCluster.")] = 2,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
     config = TrainConfig(
@@ -79,12 +100,21 @@ def train(
         threads=threads,
         standardize=standardize,
         dtype=dtype,  # type: ignore[arg-type]  # validated by the model
+        backend=backend,  # type: ignore[arg-type]  # validated by the model
+        memory_budget=memory_budget,  # type: ignore[arg-type]  # parsed by the model
+        cache_dir=cache_dir,
+        cleanup_cache=cleanup_cache,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
     )
     # Every input check runs before Prefect (seconds to start) is even imported:
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan = plan_inputs(config.data, config.label, config.features)
-    validate_values(plan, scan(plan), config.positive_label)
+    if resolve_backend(config, plan) == "memory":
+        validate_values(plan, scan(plan), config.positive_label)
+    # Polars' query would hold the columns in memory: out-of-core and Dask runs
+    # check the values in their own bounded first pass over the data instead.
     _check_output(config.output)
 
     # A batch job has no business phoning home; an explicit setting still wins.

@@ -36,12 +36,12 @@ class TrainConfig(BaseModel):
     dtype: Literal["float64", "float32"] = Field(default="float64")
     backend: Literal["auto", "memory", "stream", "dask"] = Field(
         default="auto",
-        description="auto: memory if the data fits --memory-budget, else stream (dask: see README).",
+        description="auto: memory if the data fits memory_budget, else stream.",
     )
     memory_budget: int | None = Field(
         default=None,
         gt=0,
-        description="Bytes the data may take, e.g. 256MB or 2GiB (default: half the machine's RAM).",
+        description="Bytes the data may take, e.g. 256MB or 2GiB (default: half the RAM).",
     )
     cache_dir: str | None = Field(
         default=None, description="Where the stream backend keeps its cache (default: $TMPDIR)."

@@ -169,11 +169,17 @@ def write_run_outputs(
     *,
     started_at: datetime,
     run_id: str | None = None,
+    train_metrics: Mapping[str, float] | None = None,
 ) -> list[Path]:
-    """Write params, cost history and metrics of a finished fit; returns the paths."""
+    """Write params, cost history and metrics of a finished fit; returns the paths.
+
+    ``train_metrics`` comes from backends that hold no ``dataset.X`` (stream, dask).
+    """
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, dataset.mean, dataset.scale)
-    Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
-    metrics = {"train": binary_metrics(Z, dataset.Y)}
+    if train_metrics is None:
+        Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
+        train_metrics = binary_metrics(Z, dataset.Y)
+    metrics = {"train": train_metrics}
     metadata = run_metadata(dataset, result, config, started_at=started_at, run_id=run_id)
     tables = {
         "params.parquet": params_table(dataset.features, w_raw, b_raw),

@@ -12,11 +12,12 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
+from flows.backends import open_backend, resolve_backend
 from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
 from flows.outputs import write_run_outputs
-from lr_kernel import FitResult, fit
+from lr_kernel import FitResult, fit, fit_loss
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
@@ -65,16 +66,26 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
     # cache-sized blocks; a multi-threaded BLAS under them would oversubscribe
     # the cores and stall on every small call (benchmarks/RESULTS.md).
     with threadpool_limits(limits=1, user_api="blas"):
-        result = fit(
-            dataset.X,
-            dataset.Y,
-            learning_rate=config.learning_rate,
-            iterations=config.iterations,
-            l2=config.l2,
-            tol=config.tol,
-            optimizer=config.optimizer,
-            n_threads=config.threads or available_cores(),
-        )
+        if not isinstance(dataset, Dataset):  # a stream or dask backend's data
+            result = fit_loss(
+                dataset.loss(n_threads=config.threads or available_cores()),
+                learning_rate=config.learning_rate,
+                iterations=config.iterations,
+                l2=config.l2,
+                tol=config.tol,
+                optimizer=config.optimizer,
+            )
+        else:
+            result = fit(
+                dataset.X,
+                dataset.Y,
+                learning_rate=config.learning_rate,
+                iterations=config.iterations,
+                l2=config.l2,
+                tol=config.tol,
+                optimizer=config.optimizer,
+                n_threads=config.threads or available_cores(),
+            )
     if result.stop_reason == "diverged":
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "
@@ -95,6 +106,10 @@ def fit_dataset(dataset: Dataset, config: TrainConfig) -> FitResult:
 )
 def load_data(config: TrainConfig) -> Dataset:
     plan = plan_inputs(config.data, config.label, config.features)
+    backend = resolve_backend(config, plan)
+    if backend != "memory":
+        get_run_logger().info("backend: %s", backend)
+        return open_backend(backend, plan, config)
     return load_dataset(
         plan,
         standardize=config.standardize,
@@ -119,7 +134,15 @@ def write_outputs(
     dataset: Dataset, result: FitResult, config: TrainConfig, started_at: datetime
 ) -> list[Path]:
     return write_run_outputs(
-        Path(config.output), dataset, result, config, started_at=started_at, run_id=flow_run.id
+        Path(config.output),
+        dataset,
+        result,
+        config,
+        started_at=started_at,
+        run_id=flow_run.id,
+        train_metrics=None
+        if isinstance(dataset, Dataset)
+        else dataset.train_metrics(result.w, result.b),
     )
 
 
@@ -137,14 +160,18 @@ def train(config: TrainConfig) -> TrainSummary:
         len(dataset.features),
         len(dataset.files),
     )
-    result = fit_model(dataset, config)
-    logger.info(
-        "fit stopped after %d iterations (%s), cost %.6g",
-        result.n_iterations,
-        result.stop_reason,
-        result.cost_history[-1],
-    )
-    files = write_outputs(dataset, result, config, started_at)
+    try:
+        result = fit_model(dataset, config)
+        logger.info(
+            "fit stopped after %d iterations (%s), cost %.6g",
+            result.n_iterations,
+            result.stop_reason,
+            result.cost_history[-1],
+        )
+        files = write_outputs(dataset, result, config, started_at)
+    finally:
+        if not isinstance(dataset, Dataset):  # stop a Dask cluster, drop a stream cache if asked
+            dataset.close()
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from flows.config import TrainConfig
 from flows.dataset import InputPlan
-from flows.errors import DataError
+from flows.errors import DataError, LrflowError
 
 _UNITS = {
     "": 1,
@@ -77,3 +77,31 @@ def cache_root(config: TrainConfig) -> Path:
     import tempfile
 
     return Path(tempfile.gettempdir()) / "lrflow-cache"
+
+
+def open_backend(backend: str, plan: InputPlan, config: TrainConfig):
+    """The training data of a ``stream`` or ``dask`` run (``memory`` is :func:`load_dataset`)."""
+    common = {
+        "standardize": config.standardize,
+        "dtype": config.dtype,
+        "positive_label": config.positive_label,
+    }
+    if backend == "stream":
+        from flows.backends.stream import open_stream
+
+        return open_stream(
+            plan,
+            cache_root=cache_root(config),
+            memory_budget=config.memory_budget or default_memory_budget(),
+            cleanup=config.cleanup_cache,
+            **common,
+        )
+    if backend == "dask":
+        try:
+            from flows.backends.dask_backend import open_dask
+        except ImportError:
+            raise LrflowError(
+                "the dask backend needs dask.distributed: pip install 'lrflow[dask]'"
+            ) from None
+        return open_dask(plan, address=config.dask_address, n_workers=config.dask_workers, **common)
+    raise ValueError(f"no backend {backend!r}")

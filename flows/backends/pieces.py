@@ -114,7 +114,7 @@ def finish_summary(
 
 
 def feature_matrix(frame: pl.DataFrame, plan: InputPlan) -> np.ndarray:
-    """The batch's features as float64, shape ``(n_features, k)``, cast as the in-memory path does."""
+    """The batch's features as float64 ``(n_features, k)``, cast as the in-memory path does."""
     X = np.empty((len(plan.features), frame.height))  # (n, k)
     for j, name in enumerate(plan.features):
         X[j] = frame.get_column(name).cast(pl.Float64).to_numpy()
