@@ -22,8 +22,8 @@ from lr_kernel.loss import (
     LossFunction,
     default_block_size,
     loss_and_gradients,
-    loss_from_sums,
     loss_and_gradients_naive,
+    loss_from_sums,
     predict_proba,
     sigmoid,
 )
@@ -40,8 +40,8 @@ __all__ = [
     "fit",
     "fit_loss",
     "loss_and_gradients",
-    "loss_from_sums",
     "loss_and_gradients_naive",
+    "loss_from_sums",
     "predict_proba",
     "sigmoid",
 ]
