@@ -229,3 +229,25 @@ def test_a_lost_dask_worker_fails_the_run_with_a_clear_message(parts):
         with pytest.raises(WorkerLostError, match="left the cluster with shard 1 of 2"):
             fit_loss(data.loss(), learning_rate=0.5, iterations=50, callback=lose_a_worker)
         data.close()
+
+
+@pytest.mark.parametrize("backend", ["stream", "dask"])
+def test_cli_backends_write_the_in_memory_params(prefect_api, parts, tmp_path, backend):
+    pytest.importorskip("distributed")
+    from tests.test_cli import run_cli
+
+    common = ["train", "--data", parts, "--label", "y", "--iterations", "200", "--l2", "0.1"]
+    assert run_cli(*common, "--output", tmp_path / "memory", "--backend", "memory") == 0
+    flags = ["--backend", backend, "--memory-budget", "50kB", "--cache-dir", tmp_path / "cache"]
+    flags += ["--cleanup-cache"] if backend == "stream" else ["--dask-workers", "2"]
+    assert run_cli(*common, "--output", tmp_path / backend, *flags) == 0
+    expected = pl.read_parquet(tmp_path / "memory" / "params.parquet")
+    got = pl.read_parquet(tmp_path / backend / "params.parquet")
+    assert got["term"].to_list() == expected["term"].to_list()
+    np.testing.assert_allclose(got["estimate"], expected["estimate"], rtol=RTOL)
+    costs = [pl.read_parquet(tmp_path / d / "cost_history.parquet") for d in ("memory", backend)]
+    np.testing.assert_allclose(costs[1]["cost"], costs[0]["cost"], rtol=RTOL)
+    metrics = [pl.read_parquet(tmp_path / d / "metrics.parquet") for d in ("memory", backend)]
+    np.testing.assert_allclose(metrics[1]["value"], metrics[0]["value"], rtol=1e-12)
+    if backend == "stream":  # --cleanup-cache: nothing left behind
+        assert not any((tmp_path / "cache").iterdir())

@@ -155,7 +155,10 @@ def iter_batches(
     try:
         parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
         for batch in parquet.iter_batches(
-            batch_size=min(batch_rows, MAX_BATCH_ROWS), row_groups=row_groups, columns=columns, use_threads=False
+            batch_size=min(batch_rows, MAX_BATCH_ROWS),
+            row_groups=row_groups,
+            columns=columns,
+            use_threads=False,
         ):
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
@@ -165,10 +168,14 @@ def iter_batches(
 
 
 def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Metrics of the union of disjoint pieces, from each piece's means weighted by its size."""
+    """Metrics of the union of disjoint pieces, from each piece's means weighted by its size.
+
+    Keys and their order are those of :func:`lr_kernel.metrics.binary_metrics`.
+    """
     total = sum(p["n_examples"] for p in parts)
-    merged = {
-        name: math.fsum(p[name] * p["n_examples"] for p in parts) / total
-        for name in ("log_loss", "accuracy", "positive_rate")
+    return {
+        name: float(total)
+        if name == "n_examples"
+        else math.fsum(p[name] * p["n_examples"] for p in parts) / total
+        for name in parts[0]
     }
-    return {**merged, "n_examples": float(total)}
