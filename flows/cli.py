@@ -111,10 +111,10 @@ def train(
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan = plan_inputs(config.data, config.label, config.features)
+    # Polars' query holds the columns in memory: out-of-core and Dask runs check
+    # the values in their own bounded first pass, inside the flow, instead.
     if resolve_backend(config, plan) == "memory":
         validate_values(plan, scan(plan), config.positive_label)
-    # Polars' query would hold the columns in memory: out-of-core and Dask runs
-    # check the values in their own bounded first pass over the data instead.
     _check_output(config.output)
 
     # A batch job has no business phoning home; an explicit setting still wins.
