@@ -5,8 +5,9 @@
 
 1. `lrflow train` end to end on ``--data`` with ``--backend stream --memory-budget
    256MB``, then ``--backend memory``, each in its own process: peak RSS of the
-   lrflow process (getrusage; the Prefect server it starts is a separate
-   process, reported apart) and the largest relative difference of the params.
+   lrflow process (getrusage), and of its largest child process (the Prefect
+   server it starts; with dask, also the LocalCluster's workers), and the
+   largest relative difference of the params.
 2. The same for ``--backend dask`` (a 2-worker LocalCluster) against memory on
    ``--dask-data`` (default: the first file of ``--data``).
 3. Seconds per loss evaluation of each backend on ``--dask-data``, interleaved
@@ -82,7 +83,7 @@ def end_to_end(data: str, backend: str, extra: list[str], iterations: int, work:
         f"\n`lrflow train --backend {backend} {' '.join(extra)}` vs memory on {data}, "
         f"{iterations} iterations of gd\n"
     )
-    print("| backend | peak RSS, lrflow process (MB) | Prefect server process (MB) | wall (s) |")
+    print("| backend | peak RSS, lrflow process (MB) | largest child process (MB) | wall (s) |")
     print("|---|---:|---:|---:|")
     for name, run in runs.items():
         print(
