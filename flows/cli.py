@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from flows.backends import resolve_backend
 from flows.config import ScoreConfig, TrainConfig
 from flows.dataset import (
     check_held_out_labels,
@@ -90,6 +91,26 @@ def train(
     validation_every: Annotated[
         int, typer.Option(help="Record the validation cost every this many iterations.")
     ] = 10,
+    backend: Annotated[
+        str,
+        typer.Option(help="auto, memory, stream or dask [auto: memory if it fits the budget]."),
+    ] = "auto",
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="Memory the data may take, e.g. 256MB, 2GiB [default: half the RAM]."),
+    ] = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Directory of the stream cache [default: $TMPDIR].")
+    ] = None,
+    cleanup_cache: Annotated[
+        bool,
+        typer.Option("--cleanup-cache/--keep-cache", help="Delete the stream cache after the run."),
+    ] = False,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler tcp://HOST:PORT [default: start a LocalCluster]."),
+    ] = None,
+    dask_workers: Annotated[int, typer.Option(help="Workers of the LocalCluster.")] = 2,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
     config = TrainConfig(
@@ -112,21 +133,30 @@ def train(
         validation_data=validation_data,
         seed=seed,
         validation_every=validation_every,
+        backend=backend,  # type: ignore[arg-type]  # validated by the model
+        memory_budget=memory_budget,  # type: ignore[arg-type]  # parsed by the model
+        cache_dir=cache_dir,
+        cleanup_cache=cleanup_cache,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
     )
     # Every input check runs before Prefect (seconds to start) is even imported:
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan = plan_inputs(config.data, config.label, config.features)
-    mapping = validate_values(
-        plan,
-        scan(plan),
-        config.positive_label,
-        standardize=config.standardize,
-        dtype=config.dtype,
-    )
-    if config.validation_data is not None:
-        held_out = plan_inputs(config.validation_data, config.label, plan.features)
-        check_held_out_labels(plan, held_out, scan(held_out), mapping)
+    # Polars' query holds the columns in memory: out-of-core and Dask runs check
+    # the values in their own bounded first pass, inside the flow, instead.
+    if resolve_backend(config, plan) == "memory":
+        mapping = validate_values(
+            plan,
+            scan(plan),
+            config.positive_label,
+            standardize=config.standardize,
+            dtype=config.dtype,
+        )
+        if config.validation_data is not None:
+            held_out = plan_inputs(config.validation_data, config.label, plan.features)
+            check_held_out_labels(plan, held_out, scan(held_out), mapping)
     _check_output(config.output)
     check_output_location(config.data, config.output)
 

@@ -94,6 +94,39 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be a positive finite number or 'auto', got {value!r}")
         return number
 
+    backend: Literal["auto", "memory", "stream", "dask"] = Field(
+        default="auto",
+        description="auto: memory if the data fits memory_budget, else stream.",
+    )
+    memory_budget: int | None = Field(
+        default=None,
+        gt=0,
+        description="Bytes the data may take, e.g. 256MB or 2GiB (default: half the RAM).",
+    )
+    cache_dir: str | None = Field(
+        default=None, description="Where the stream backend keeps its cache (default: $TMPDIR)."
+    )
+    cleanup_cache: bool = Field(default=False, description="Delete the stream cache after the run.")
+    dask_address: str | None = Field(
+        default=None, description="Dask scheduler, tcp://HOST:PORT (default: a LocalCluster)."
+    )
+    dask_workers: int = Field(default=2, ge=1, description="Workers of the LocalCluster.")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget_in_units(cls, value: object) -> object:
+        if isinstance(value, str):
+            from flows.backends import parse_bytes
+
+            return parse_bytes(value)
+        return value
+
+    @model_validator(mode="after")
+    def _dask_address_needs_dask(self) -> "TrainConfig":
+        if self.dask_address is not None and self.backend not in ("auto", "dask"):
+            raise ValueError(f"dask_address is set but backend is {self.backend!r}, not 'dask'")
+        return self
+
     @field_validator("features")
     @classmethod
     def _features_are_distinct(cls, features: list[str] | None) -> list[str] | None:

@@ -118,6 +118,8 @@ def metrics_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, A
 
 def evaluate(dataset: Dataset, result: FitResult) -> dict[str, dict[str, float]]:
     """Every contracted metric on the training rows and, if any, the validation rows."""
+    if not isinstance(dataset, Dataset):  # a stream or dask backend computes its own
+        return {"train": dataset.train_metrics(result.w, result.b)}
     Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
     metrics = {"train": binary_metrics(Z, dataset.Y)}
     if dataset.validation is not None:

@@ -22,12 +22,13 @@ from flows.artifacts import (
     start_importing_matplotlib,
     training_progress,
 )
+from flows.backends import open_backend, resolve_backend
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
 from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
-from flows.errors import DivergedError, LrflowError
+from flows.errors import DataError, DivergedError, LrflowError
 from flows.outputs import evaluate, metrics_rows, write_run_outputs
-from lr_kernel import FitResult, fit
+from lr_kernel import FitResult, fit, fit_loss
 from lr_kernel.metrics import HeldOutCost
 from lr_kernel.stepsize import stable_learning_rate
 
@@ -91,39 +92,45 @@ def fit_dataset(
     key = checkpoint_key(dataset, config)
     resume = state_to_resume(path, key, resume=config.resume, run_id=run_id)
     learning_rate = resolve_learning_rate(dataset, config)
+    n_threads = config.threads or available_cores()
+    arguments = dict(
+        learning_rate=learning_rate,
+        iterations=config.iterations,
+        l2=config.l2,
+        tol=config.tol,
+        callback=callback,
+        monitor=monitor,
+        optimizer=config.optimizer,
+        resume=resume,
+        checkpoint_every=config.checkpoint_every,
+        on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
+    )
     # The kernel splits X's blocks over its own threads, each calling BLAS on
     # cache-sized blocks; a multi-threaded BLAS under them would oversubscribe
     # the cores and stall on every small call (benchmarks/RESULTS.md).
     with threadpool_limits(limits=1, user_api="blas"):
-        result = fit(
-            dataset.X,
-            dataset.Y,
-            learning_rate=learning_rate,
-            iterations=config.iterations,
-            l2=config.l2,
-            tol=config.tol,
-            callback=callback,
-            monitor=monitor,
-            optimizer=config.optimizer,
-            n_threads=config.threads or available_cores(),
-            resume=resume,
-            checkpoint_every=config.checkpoint_every,
-            on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
-        )
+        if isinstance(dataset, Dataset):
+            result = fit(dataset.X, dataset.Y, n_threads=n_threads, **arguments)
+        else:  # a stream or dask backend's data: the same solvers over its loss
+            result = fit_loss(dataset.loss(n_threads=n_threads), **arguments)
     if result.stop_reason == "diverged":
         path.unlink(missing_ok=True)  # continuing a diverging run would only diverge again
-        stable = stable_learning_rate(dataset.X, config.l2)
+        hint = "try a smaller one"
+        if isinstance(dataset, Dataset):
+            stable = stable_learning_rate(dataset.X, config.l2)
+            hint = f"{stable:.3g} is stable for it (or use --learning-rate auto)"
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "
             f"(cost {result.cost_history[-1]:.6g}, started at {result.cost_history[0]:.6g}): "
-            f"learning rate {learning_rate:g} is too large for this data; "
-            f"{stable:.3g} is stable for it (or use --learning-rate auto)"
+            f"learning rate {learning_rate:g} is too large for this data; {hint}"
         )
     return result
 
 
 def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
     """The configured step, or for ``auto`` 1/L from the data (see lr_kernel.stepsize)."""
+    if config.learning_rate == "auto" and not isinstance(dataset, Dataset):
+        raise DataError("--learning-rate auto needs the memory backend; give a number")
     if config.learning_rate == "auto":
         return stable_learning_rate(dataset.X, config.l2)
     return config.learning_rate
@@ -167,6 +174,12 @@ def publish_metrics(metrics: dict[str, dict[str, float]], key: str) -> None:
 def load_data(config: TrainConfig) -> Dataset:
     plan = plan_inputs(config.data, config.label, config.features)
     check_output_location(config.data, config.output)
+    backend = resolve_backend(config, plan)
+    if backend != "memory":
+        get_run_logger().info("backend: %s", backend)
+        if config.validation_fraction or config.validation_data is not None:
+            raise DataError(f"validation is available with the memory backend, not {backend}")
+        return open_backend(backend, plan, config)
     validation_plan = None
     if config.validation_data is not None:
         validation_plan = plan_inputs(config.validation_data, config.label, plan.features)
@@ -261,20 +274,25 @@ def train(config: TrainConfig) -> TrainSummary:
         len(dataset.features),
         len(dataset.files),
     )
-    if config.learning_rate == "auto":  # resolved once, so the outputs record the number
-        config = config.model_copy(update={"learning_rate": resolve_learning_rate(dataset, config)})
-        logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
-    if dataset.validation is not None:
-        logger.info("holding out %d examples for validation", dataset.validation.n_examples)
-    result, validation_cost = fit_model(dataset, config)
-    logger.info(
-        "fit stopped after %d iterations (%s), cost %.6g",
-        result.n_iterations,
-        result.stop_reason,
-        result.cost_history[-1],
-    )
-    metrics = evaluate_model(dataset, result)
-    files = write_outputs(dataset, result, config, started_at, validation_cost, metrics)
+    try:
+        if config.learning_rate == "auto":  # resolved once, so the outputs record the number
+            learning_rate = resolve_learning_rate(dataset, config)
+            config = config.model_copy(update={"learning_rate": learning_rate})
+            logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
+        if dataset.validation is not None:
+            logger.info("holding out %d examples for validation", dataset.validation.n_examples)
+        result, validation_cost = fit_model(dataset, config)
+        logger.info(
+            "fit stopped after %d iterations (%s), cost %.6g",
+            result.n_iterations,
+            result.stop_reason,
+            result.cost_history[-1],
+        )
+        metrics = evaluate_model(dataset, result)
+        files = write_outputs(dataset, result, config, started_at, validation_cost, metrics)
+    finally:
+        if not isinstance(dataset, Dataset):  # stop a Dask cluster, drop a stream cache if asked
+            dataset.close()
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
     publish_artifacts(dataset, result, config, files, time.perf_counter() - clock)
     publish_metrics(metrics, "train-metrics")

@@ -29,10 +29,19 @@ from lr_kernel.loss import (
     default_block_size,
     loss_and_gradients,
     loss_and_gradients_naive,
+    loss_from_sums,
     predict_proba,
     sigmoid,
 )
-from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, StopReason, TrainState, fit
+from lr_kernel.train import (
+    OPTIMIZERS,
+    FitResult,
+    Optimizer,
+    StopReason,
+    TrainState,
+    fit,
+    fit_loss,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -44,8 +53,10 @@ __all__ = [
     "TrainState",
     "default_block_size",
     "fit",
+    "fit_loss",
     "loss_and_gradients",
     "loss_and_gradients_naive",
+    "loss_from_sums",
     "predict_proba",
     "sigmoid",
 ]

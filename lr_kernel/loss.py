@@ -184,7 +184,25 @@ class FusedLoss:
 
     def __call__(self, w: FloatArray, b: float, l2: float = 0.0) -> tuple[float, FloatArray, float]:
         """Cost and gradients at ``(w, b)``; see :func:`loss_and_gradients`."""
-        m = self.n_examples
+        loss_sum, dw_sum, db_sum = self.partial_sums(w, b)
+        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self.n_examples, self.dtype)
+
+    def partial_sums(self, w: FloatArray, b: float) -> tuple[float, NDArray[np.float64], float]:
+        """The unnormalized, unpenalized sums over this ``X``: what shards add up.
+
+        Returns
+        -------
+        loss_sum : float
+            ``Σ_i softplus(z_i) - y_i z_i``.
+        dw_sum : ndarray of shape (n_features,), float64
+            ``X dZᵀ``.
+        db_sum : float
+            ``Σ_i dz_i``.
+
+        Sums over disjoint column ranges of the data add up, in any grouping, to
+        the sums over all of it (up to rounding); :func:`loss_from_sums` turns
+        the totals into the cost and gradients.
+        """
         neg_w = np.negative(w.reshape(-1), dtype=self.dtype)  # (n,), so the GEMV gives -Z
         partials: list[tuple[float, NDArray[np.float64], float]] = [(0.0, np.zeros(0), 0.0)] * len(
             self._shares
@@ -208,12 +226,7 @@ class FusedLoss:
         for p in partials[1:]:
             dw_sum += p[1]
         db_sum = math.fsum(p[2] for p in partials)
-        w64 = w.reshape(-1, 1).astype(np.float64, copy=False)
-        cost = (loss_sum + 0.5 * l2 * float(np.dot(w64.ravel(), w64.ravel()))) / m
-        dw = dw_sum.reshape(-1, 1) / m  # (n, 1)
-        if l2:
-            dw += (l2 / m) * w64
-        return cost, dw.astype(self.dtype, copy=False), db_sum / m
+        return loss_sum, dw_sum, db_sum
 
     def _sum_blocks(
         self, share: int, neg_w: FloatArray, b: float
@@ -258,6 +271,44 @@ class FusedLoss:
             np.matmul(Xb, u, out=gemv_out)  # (n,), Xb is still in cache
             dw_sum += gemv_out
         return loss_sum, dw_sum, db_sum
+
+
+def loss_from_sums(
+    loss_sum: float,
+    dw_sum: NDArray[np.float64],
+    db_sum: float,
+    w: FloatArray,
+    l2: float,
+    n_examples: int,
+    dtype: np.dtype[np.floating],
+) -> tuple[float, FloatArray, float]:
+    """Cost and gradients from the summed parts of :meth:`FusedLoss.partial_sums`.
+
+    The one place the sums are normalized by ``m`` and penalized, so every
+    source of data (in memory, streamed, sharded) finishes identically.
+
+    Parameters
+    ----------
+    loss_sum, db_sum : float
+        Totals over all ``n_examples`` examples.
+    dw_sum : ndarray of shape (n_features,), float64
+    w : ndarray of shape (n_features, 1)
+    l2 : float
+    n_examples : int
+        ``m``, the examples summed over.
+    dtype : the data's dtype, that of the returned ``dw``.
+
+    Returns
+    -------
+    cost, dw of shape (n_features, 1), db : as :func:`loss_and_gradients`.
+    """
+    m = n_examples
+    w64 = w.reshape(-1, 1).astype(np.float64, copy=False)
+    cost = (loss_sum + 0.5 * l2 * float(np.dot(w64.ravel(), w64.ravel()))) / m
+    dw = dw_sum.reshape(-1, 1) / m  # (n, 1)
+    if l2:
+        dw += (l2 / m) * w64
+    return cost, dw.astype(dtype, copy=False), db_sum / m
 
 
 def loss_and_gradients(

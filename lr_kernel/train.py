@@ -248,9 +248,50 @@ def fit(
     -------
     FitResult
     """
-    n, m = X.shape
+    m = X.shape[1]
     if Y.shape != (1, m):
         raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
+    loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads)
+    return fit_loss(
+        loss,
+        learning_rate=learning_rate,
+        iterations=iterations,
+        l2=l2,
+        tol=tol,
+        w0=w0,
+        b0=b0,
+        callback=callback,
+        optimizer=optimizer,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        on_checkpoint=on_checkpoint,
+        monitor=monitor,
+    )
+
+
+def fit_loss(
+    loss: LossFunction,
+    *,
+    learning_rate: float | None = None,
+    iterations: int,
+    l2: float = 0.0,
+    tol: float = 0.0,
+    w0: FloatArray | None = None,
+    b0: float = 0.0,
+    callback: Callable[[int, float], None] | None = None,
+    optimizer: Optimizer = "gd",
+    resume: TrainState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    monitor: Callable[[int, FloatArray, float], None] | None = None,
+) -> FitResult:
+    """:func:`fit` on any source of the cost and gradients: the backend seam.
+
+    ``loss`` is anything that follows :class:`~lr_kernel.LossFunction` (the
+    in-memory :class:`~lr_kernel.FusedLoss`, a streamed or sharded sum); the
+    solvers see nothing else of the data. Other arguments as :func:`fit`.
+    """
+    n = loss.n_features
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if iterations < 1:
@@ -273,12 +314,11 @@ def fit(
             raise ValueError(f"resume state's w must have shape ({n}, 1), got {resume.w.shape}")
         w0, b0, momentum = resume.w, resume.b, resume.momentum
     if w0 is None:
-        w = np.zeros((n, 1), dtype=X.dtype)
+        w = np.zeros((n, 1), dtype=loss.dtype)
     else:
         if w0.shape != (n, 1):
             raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
-        w = np.array(w0, dtype=X.dtype)
-    loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads)
+        w = np.array(w0, dtype=loss.dtype)
     history = _History(callback, resume, checkpoint_every, on_checkpoint, monitor)
     if history.n_iterations >= iterations:  # resumed at or past the end: nothing left
         return history.result(w, float(b0), "iterations")

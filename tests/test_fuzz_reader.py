@@ -148,7 +148,10 @@ def expected_matrices(table: pa.Table, features, label, mapping, standardize, dt
     """The oracle: the same matrices from pyarrow and NumPy, computed independently."""
     rows = []
     for name in features:
-        values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        # safe=False: int64 beyond 2**53 rounds to the nearest float, as the loader does.
+        values = pc.cast(table.column(name), pa.float64(), safe=False).to_numpy(
+            zero_copy_only=False
+        )
         assert not np.any(np.isnan(values)) and np.all(np.isfinite(values))  # validated
         if standardize:
             mean, std = values.mean(), values.std()

@@ -1,0 +1,255 @@
+"""Backends: the stream cache and Dask shards give the in-memory run's parameters and costs."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from flows.backends import parse_bytes, resolve_backend
+from flows.backends.pieces import ValueSummary, summarize
+from flows.backends.stream import open_stream
+from flows.config import TrainConfig
+from flows.dataset import load_dataset, plan_inputs
+from flows.errors import DataError
+from lr_kernel import FusedLoss, fit, fit_loss
+
+# Same data, same config: only the float rounding of differently grouped sums differs.
+RTOL = 1e-9
+
+
+def make_parts(directory, rows=3000, files=3, row_group_rows=400, seed=1):
+    """Several files of several row groups: features on different scales, an int label."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, rows)) * np.array([[1.0], [50.0], [0.01], [3.0]]) + 7.0
+    z = 1.2 * (x[0] - 7) + 0.02 * (x[1] - 7) - 40 * (x[2] - 7) + rng.normal(size=rows)
+    frame = pl.DataFrame(
+        {"key": np.arange(rows), **{f"f{j}": x[j] for j in range(4)}, "y": (z > 0).astype(int)}
+    )
+    frame = frame.with_columns(pl.col("f3").round(0).cast(pl.Int32))  # an integer feature
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, rows, files + 1).astype(int)
+    for k in range(files):
+        part = frame.slice(bounds[k], bounds[k + 1] - bounds[k])
+        part.write_parquet(directory / f"part-{k}.parquet", row_group_size=row_group_rows)
+    return directory
+
+
+@pytest.fixture
+def parts(tmp_path):
+    return make_parts(tmp_path / "parts")
+
+
+def plan_of(path):
+    return plan_inputs(path, "y", ["f0", "f1", "f2", "f3"])
+
+
+def assert_same_fit(expected, got):
+    scale = np.max(np.abs(expected.w))
+    np.testing.assert_allclose(got.w, expected.w, rtol=0, atol=RTOL * scale)
+    assert got.b == pytest.approx(expected.b, rel=RTOL, abs=RTOL * scale)
+    np.testing.assert_allclose(got.cost_history, expected.cost_history, rtol=RTOL)
+    assert got.stop_reason == expected.stop_reason
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("256MB", 256_000_000), ("2GiB", 2**30 * 2), ("1000", 1000), ("1.5kb", 1500)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "12 parsecs", "-3MB", "MB"])
+def test_parse_bytes_rejects_what_is_not_a_size(text):
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes(text)
+
+
+def test_summaries_merge_to_the_whole_data_statistics(parts):
+    plan = plan_of(parts)
+    frame = pl.concat([pl.read_parquet(p) for p in plan.files])
+    whole = summarize(frame, plan, plan.files[0])
+    merged = ValueSummary.empty(4)
+    for start in range(0, frame.height, 700):  # uneven pieces, merged in order
+        merged.merge(summarize(frame.slice(start, 700), plan, plan.files[0]))
+    assert merged.rows == whole.rows == 3000
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-13)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-12)
+    assert merged.labels == [0, 1]
+
+
+@pytest.mark.parametrize("budget", [60_000, 10**9])  # many chunks (a ragged last one), or one
+def test_stream_loss_equals_the_in_memory_loss(parts, tmp_path, budget):
+    plan = plan_of(parts)
+    memory = load_dataset(plan)
+    stream = open_stream(plan, cache_root=tmp_path / "cache", memory_budget=budget)
+    np.testing.assert_allclose(stream.mean, memory.mean, rtol=1e-13)
+    np.testing.assert_allclose(stream.scale, memory.scale, rtol=1e-13)
+    w = np.array([[0.5], [-1.0], [2.0], [0.1]])
+    with stream.loss() as loss:
+        assert (len(loss._ranges) > 1) == (budget < 10**6)
+        cost, dw, db = loss(w, 0.3, l2=0.7)
+    expected = FusedLoss(memory.X, memory.Y)(w, 0.3, l2=0.7)
+    assert cost == pytest.approx(expected[0], rel=1e-13)
+    np.testing.assert_allclose(dw, expected[1], rtol=1e-12)
+    assert db == pytest.approx(expected[2], rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov", "lbfgs"])
+def test_every_optimizer_on_the_stream_gives_the_in_memory_fit(parts, tmp_path, optimizer):
+    plan = plan_of(parts)
+    memory = load_dataset(plan)
+    stream = open_stream(plan, cache_root=tmp_path / "cache", memory_budget=60_000)
+    # lbfgs stops on its iteration budget here, before rounding-level noise could
+    # decide a line search either way.
+    iterations = 12 if optimizer == "lbfgs" else 150
+    settings = dict(learning_rate=0.5, iterations=iterations, l2=0.3, optimizer=optimizer)
+    expected = fit(memory.X, memory.Y, **settings)
+    with stream.loss(n_threads=2) as loss:
+        got = fit_loss(loss, **settings)
+    assert_same_fit(expected, got)
+
+
+def test_stream_cache_is_reused_and_cleaned_up(parts, tmp_path, monkeypatch):
+    plan = plan_of(parts)
+    root = tmp_path / "cache"
+    first = open_stream(plan, cache_root=root, memory_budget=60_000, cleanup=True)
+    assert [p.name for p in root.iterdir()] == [first.path.name]  # no temporary left
+    assert sorted(p.name for p in first.path.iterdir()) == ["XY.npy", "meta.json"]
+    cached = np.load(first.path / "XY.npy", mmap_mode="r")
+    memory = load_dataset(plan)
+    # Standardized values: the statistics differ from Polars' in the last bits only.
+    np.testing.assert_allclose(cached[:4], memory.X, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(cached[4:], memory.Y)
+    del cached
+
+    import flows.backends.stream as stream_module
+
+    def must_not_rebuild(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt for an unchanged input")
+
+    monkeypatch.setattr(stream_module, "_build_cache", must_not_rebuild)
+    again = open_stream(plan, cache_root=root, memory_budget=60_000)
+    assert again.path == first.path
+    # A different dtype is a different cache.
+    with pytest.raises(AssertionError, match="rebuilt"):
+        open_stream(plan, cache_root=root, memory_budget=60_000, dtype="float32")
+    first.close()
+    assert not first.path.exists()
+
+
+def test_stream_reports_bad_values_with_file_and_column(parts, tmp_path):
+    bad = pl.read_parquet(parts / "part-2.parquet").with_columns(
+        pl.when(pl.col("key") == 2900).then(None).otherwise(pl.col("f1")).alias("f1")
+    )
+    bad.write_parquet(parts / "part-2.parquet")
+    with pytest.raises(DataError) as caught:
+        open_stream(plan_of(parts), cache_root=tmp_path / "cache", memory_budget=60_000)
+    assert caught.value.column == "f1"
+    assert caught.value.path.endswith("part-2.parquet")
+    assert "1 null values" in str(caught.value)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_auto_backend_streams_what_does_not_fit_the_budget(parts):
+    plan = plan_of(parts)
+    config = dict(data=str(parts), output="out", label="y")
+    assert resolve_backend(TrainConfig(**config, memory_budget="1MB"), plan) == "memory"
+    assert resolve_backend(TrainConfig(**config, memory_budget="100kB"), plan) == "stream"
+    assert resolve_backend(TrainConfig(**config, backend="stream"), plan) == "stream"
+
+
+def test_dask_address_requires_the_dask_backend():
+    with pytest.raises(ValueError, match="dask_address"):
+        TrainConfig(data="d", output="o", backend="stream", dask_address="tcp://h:1")
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A 2-worker LocalCluster in this process (threads): seconds to start, not tens."""
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+def test_row_groups_split_into_contiguous_shards_in_input_order(parts):
+    from flows.backends.dask_backend import split_row_groups
+
+    files = plan_of(parts).files  # 3 files x 3 row groups (400, 400, 200 rows)
+    shards = split_row_groups(files, 2)
+    flat = [(path, g) for shard in shards for path, groups in shard for g in groups]
+    assert flat == [(str(f), g) for f in files for g in range(3)]
+    assert len(shards) == 2 and all(shards)
+    assert len(split_row_groups(files[:1], 5)) == 3  # never more shards than row groups
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov", "lbfgs"])
+def test_every_optimizer_on_dask_gives_the_in_memory_fit(parts, dask_client, optimizer):
+    from flows.backends.dask_backend import open_dask
+
+    plan = plan_of(parts)
+    memory = load_dataset(plan)
+    data = open_dask(plan, client=dask_client)
+    try:
+        assert len(data.workers) == 2 and data.n_examples == 3000
+        np.testing.assert_allclose(data.mean, memory.mean, rtol=1e-13)
+        np.testing.assert_allclose(data.scale, memory.scale, rtol=1e-13)
+        iterations = 12 if optimizer == "lbfgs" else 150
+        settings = dict(learning_rate=0.5, iterations=iterations, l2=0.3, optimizer=optimizer)
+        expected = fit(memory.X, memory.Y, **settings)
+        got = fit_loss(data.loss(), **settings)
+        assert_same_fit(expected, got)
+        metrics = data.train_metrics(got.w, got.b)
+        assert metrics["n_examples"] == 3000
+        assert 0.5 < metrics["accuracy"] <= 1.0
+    finally:
+        data.close()
+
+
+def test_a_lost_dask_worker_fails_the_run_with_a_clear_message(parts):
+    distributed = pytest.importorskip("distributed")
+    from flows.backends.dask_backend import WorkerLostError, open_dask
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        data = open_dask(plan_of(parts), client=client)
+
+        def lose_a_worker(iteration, cost):
+            if iteration == 3:
+                client.retire_workers(workers=[data.workers[1]], close_workers=True)
+
+        with pytest.raises(WorkerLostError, match="left the cluster with shard 1 of 2"):
+            fit_loss(data.loss(), learning_rate=0.5, iterations=50, callback=lose_a_worker)
+        data.close()
+
+
+@pytest.mark.parametrize("backend", ["stream", "dask"])
+def test_cli_backends_write_the_in_memory_params(prefect_api, parts, tmp_path, backend):
+    pytest.importorskip("distributed")
+    from tests.test_cli import run_cli
+
+    common = ["train", "--data", parts, "--label", "y", "--iterations", "200", "--l2", "0.1"]
+    memory = ["--backend", "memory", "--validation-fraction", "0"]  # the others hold none out
+    assert run_cli(*common, "--output", tmp_path / "memory", *memory) == 0
+    flags = ["--backend", backend, "--memory-budget", "50kB", "--cache-dir", tmp_path / "cache"]
+    flags += ["--cleanup-cache"] if backend == "stream" else ["--dask-workers", "2"]
+    assert run_cli(*common, "--output", tmp_path / backend, *flags) == 0
+    expected = pl.read_parquet(tmp_path / "memory" / "params.parquet")
+    got = pl.read_parquet(tmp_path / backend / "params.parquet")
+    assert got["term"].to_list() == expected["term"].to_list()
+    np.testing.assert_allclose(got["estimate"], expected["estimate"], rtol=RTOL)
+    costs = [pl.read_parquet(tmp_path / d / "cost_history.parquet") for d in ("memory", backend)]
+    np.testing.assert_allclose(costs[1]["cost"], costs[0]["cost"], rtol=RTOL)
+    metrics = [pl.read_parquet(tmp_path / d / "metrics.parquet") for d in ("memory", backend)]
+    assert metrics[1]["metric"].to_list() == metrics[0]["metric"].to_list()
+    np.testing.assert_allclose(metrics[1]["value"], metrics[0]["value"], rtol=1e-12)
+    if backend == "stream":  # --cleanup-cache: nothing left behind
+        assert not any((tmp_path / "cache").iterdir())
