@@ -1,8 +1,11 @@
 """TrainConfig: every knob of the train flow, validated once (CLI, flow and prefect.yaml)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+L2 = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class TrainConfig(BaseModel):
@@ -21,8 +24,12 @@ class TrainConfig(BaseModel):
         description="Label value that is the positive class (default: the larger of the two).",
     )
     iterations: int = Field(default=1000, ge=1, description="Most gradient updates.")
-    learning_rate: float = Field(default=0.5, gt=0, allow_inf_nan=False)
-    l2: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="L2 penalty strength.")
+    learning_rate: LearningRate | list[LearningRate] = Field(
+        default=0.5, description="Step size, or a list of them to search."
+    )
+    l2: L2 | list[L2] = Field(
+        default=0.0, description="L2 penalty strength, or a list of them to search."
+    )
     tol: float = Field(
         default=1e-10, ge=0, allow_inf_nan=False, description="Stop when |ΔJ| < tol (0: never)."
     )
@@ -46,3 +53,23 @@ class TrainConfig(BaseModel):
         if duplicates:
             raise ValueError(f"features repeats {', '.join(duplicates)}")
         return features
+
+    @field_validator("l2", "learning_rate")
+    @classmethod
+    def _one_value_is_not_a_search(cls, value: float | list[float]) -> float | list[float]:
+        # A list of several values is a search (flows/search.py); a list of one is
+        # the plain single run, with the same outputs as the number itself.
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("needs at least one value")
+            if len(value) == 1:
+                return value[0]
+        return value
+
+    @model_validator(mode="after")
+    def _lbfgs_has_no_learning_rate_grid(self) -> "TrainConfig":
+        if self.optimizer == "lbfgs" and isinstance(self.learning_rate, list):
+            raise ValueError(
+                "lbfgs searches its own steps: a learning-rate list needs gd or nesterov"
+            )
+        return self

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
@@ -16,6 +17,7 @@ from flows.config import TrainConfig
 from flows.dataset import Dataset, load_dataset, plan_inputs
 from flows.errors import DivergedError, LrflowError
 from flows.outputs import write_run_outputs
+from flows.search import SearchResult, is_search, run_search, search_rows, write_search_outputs
 from lr_kernel import FitResult, fit
 
 
@@ -44,6 +46,9 @@ class TrainSummary(BaseModel):
     final_cost: float
     stop_reason: str
     seconds: float
+    # With several l2 / learning-rate candidates: the chosen one's values, its
+    # validation log-loss and the number of candidates.
+    selected: dict[str, float] | None = None
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -123,6 +128,31 @@ def write_outputs(
     )
 
 
+@task(name="search", cache_policy=NO_CACHE)
+def search_model(dataset: Dataset, config: TrainConfig) -> SearchResult:
+    return run_search(dataset, config, n_threads=config.threads or available_cores())
+
+
+@task(
+    name="write-search",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+    cache_policy=NO_CACHE,
+)
+def write_search(search: SearchResult, config: TrainConfig, started_at: datetime) -> list[Path]:
+    paths = write_search_outputs(
+        Path(config.output), search, config, started_at=started_at, run_id=flow_run.id
+    )
+    create_table_artifact(
+        table=search_rows(search),
+        key="train-search",
+        description=f"l2 / learning-rate search: {len(search.grid)} candidates trained together, "
+        f"selected by log-loss on {search.n_validation} held-out examples",
+    )
+    return paths
+
+
 @flow(name="train", validate_parameters=True)
 def train(config: TrainConfig) -> TrainSummary:
     """Train logistic regression on Parquet data and write params, cost history and metrics."""
@@ -137,14 +167,28 @@ def train(config: TrainConfig) -> TrainSummary:
         len(dataset.features),
         len(dataset.files),
     )
-    result = fit_model(dataset, config)
+    search = search_model(dataset, config) if is_search(config) else None
+    if search is None:
+        result = fit_model(dataset, config)
+    else:
+        dataset, result = search.train, search.selected_result
+        logger.info(
+            "search over %d candidates: selected %s (validation log-loss %.6g)",
+            len(search.grid),
+            search_rows(search)[search.selected],
+            search.validation_log_loss[search.selected],
+        )
     logger.info(
         "fit stopped after %d iterations (%s), cost %.6g",
         result.n_iterations,
         result.stop_reason,
         result.cost_history[-1],
     )
-    files = write_outputs(dataset, result, config, started_at)
+    files = write_outputs(
+        dataset, result, config if search is None else search.selected_config(config), started_at
+    )
+    if search is not None:
+        files += write_search(search, config, started_at)
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],
@@ -154,6 +198,7 @@ def train(config: TrainConfig) -> TrainSummary:
         final_cost=float(result.cost_history[-1]),
         stop_reason=result.stop_reason,
         seconds=time.perf_counter() - clock,
+        selected=None if search is None else search.summary(config),
     )
 
 
