@@ -43,6 +43,23 @@ def _split(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _numbers(value: str, flag: str) -> float | str | list[float]:
+    """``"0.1"`` -> 0.1, ``"0.01,0.1,1"`` -> a list to search; the config checks the values."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    try:
+        numbers = [float(part) for part in parts]
+        if not numbers:
+            raise ValueError
+    except ValueError:
+        allowed = "a positive finite number or 'auto'" if flag == "--learning-rate" else "a number"
+        raise typer.BadParameter(
+            f"{value!r} is not {allowed}, nor a comma-separated list of numbers", param_hint=flag
+        ) from None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
 @app.command()
 def train(
     data: Annotated[str, typer.Option(help="Parquet file, directory of Parquet files, or glob.")],
@@ -56,11 +73,19 @@ def train(
     ] = None,
     iterations: Annotated[int, typer.Option(help="Most gradient updates.")] = 1000,
     learning_rate: Annotated[
-        str, typer.Option(help="Step size, or 'auto' for one estimated from the data.")
+        str,
+        typer.Option(
+            help="Step size, a comma-separated list to search (e.g. 0.1,1), or 'auto' for "
+            "one estimated from the data."
+        ),
     ] = "0.5",
     l2: Annotated[
-        float, typer.Option(help="L2 penalty strength (the intercept is not penalized).")
-    ] = 0.0,
+        str,
+        typer.Option(
+            help="L2 penalty strength (the intercept is not penalized), or a comma-separated "
+            "list to search: every l2 with every learning rate, chosen by validation log-loss."
+        ),
+    ] = "0.0",
     tol: Annotated[
         float, typer.Option(help="Stop when the cost changes by less than this.")
     ] = 1e-10,
@@ -120,8 +145,8 @@ def train(
         features=_split(features),
         positive_label=positive_label,
         iterations=iterations,
-        learning_rate=learning_rate,
-        l2=l2,
+        learning_rate=_numbers(learning_rate, "--learning-rate"),
+        l2=_numbers(l2, "--l2"),
         tol=tol,
         optimizer=optimizer,  # type: ignore[arg-type]  # validated by the model
         threads=threads,
@@ -182,6 +207,12 @@ def train(
         f"{summary.n_iterations} iterations ({summary.stop_reason}), "
         f"final cost {summary.final_cost:.6g}"
     )
+    if summary.selected is not None:
+        typer.echo(
+            f"selected l2 {summary.selected['l2']:g}, learning rate "
+            f"{summary.selected['learning_rate']:g} of {summary.selected['candidates']:.0f} "
+            f"candidates (validation log-loss {summary.selected['validation_log_loss']:.6g})"
+        )
     for split, metrics in summary.metrics.items():
         typer.echo(
             f"{split} ({int(metrics['n_examples'])} examples): log_loss {metrics['log_loss']:.6g}, "

@@ -1,11 +1,13 @@
 """TrainConfig and ScoreConfig: each flow's knobs, validated once (CLI, flow, prefect.yaml)."""
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_VALIDATION_FRACTION = 0.2
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+L2 = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class TrainConfig(BaseModel):
@@ -28,11 +30,14 @@ class TrainConfig(BaseModel):
         description="Label value that is the positive class (default: the larger of the two).",
     )
     iterations: int = Field(default=1000, ge=1, description="Most gradient updates.")
-    learning_rate: float | Literal["auto"] = Field(
+    learning_rate: LearningRate | list[LearningRate] | Literal["auto"] = Field(
         default=0.5,
-        description="Step size (> 0), or 'auto': 1/L from the data's curvature bound (stable).",
+        description="Step size (> 0), a list of them to search, or 'auto': 1/L from the "
+        "data's curvature bound (stable).",
     )
-    l2: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="L2 penalty strength.")
+    l2: L2 | list[L2] = Field(
+        default=0.0, description="L2 penalty strength, or a list of them to search."
+    )
     tol: float = Field(
         default=1e-10, ge=0, allow_inf_nan=False, description="Stop when |ΔJ| < tol (0: never)."
     )
@@ -80,10 +85,29 @@ class TrainConfig(BaseModel):
             raise ValueError("give validation_fraction or validation_data, not both")
         return self
 
+    @field_validator("l2", mode="before")
+    @classmethod
+    def _l2_is_finite_and_non_negative(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, list):
+            return [cls._l2_is_finite_and_non_negative(v) for v in value]
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"must be a finite number >= 0, got {value!r}")
+        return number
+
     @field_validator("learning_rate", mode="before")
     @classmethod
     def _learning_rate_is_positive_or_auto(cls, value: object) -> object:
         # One clear message instead of one per member of the union.
+        if isinstance(value, list):
+            rates = [cls._learning_rate_is_positive_or_auto(v) for v in value]
+            if "auto" in rates and len(rates) > 1:
+                raise ValueError("'auto' is one learning rate, not part of a search")
+            return rates
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         try:
@@ -138,6 +162,26 @@ class TrainConfig(BaseModel):
         if duplicates:
             raise ValueError(f"features repeats {', '.join(duplicates)}")
         return features
+
+    @field_validator("l2", "learning_rate")
+    @classmethod
+    def _one_value_is_not_a_search(cls, value: float | list[float]) -> float | list[float]:
+        # A list of several values is a search (flows/search.py); a list of one is
+        # the plain single run, with the same outputs as the number itself.
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("needs at least one value")
+            if len(value) == 1:
+                return value[0]
+        return value
+
+    @model_validator(mode="after")
+    def _lbfgs_has_no_learning_rate_grid(self) -> "TrainConfig":
+        if self.optimizer == "lbfgs" and isinstance(self.learning_rate, list):
+            raise ValueError(
+                "lbfgs searches its own steps: a learning-rate list needs gd or nesterov"
+            )
+        return self
 
 
 class ScoreConfig(BaseModel):

@@ -227,14 +227,14 @@ def write_run_outputs(
     run_id: str | None = None,
     validation_cost: np.ndarray | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
-    extra_files: Mapping[str, bytes] | None = None,
+    extra_files: Mapping[str, bytes | pa.Table] | None = None,
 ) -> list[Path]:
     """Write params, cost history and metrics of a finished fit as one output set.
 
     ``validation_cost`` is ``(n_iterations + 1,)`` with NaN where not evaluated;
     ``metrics`` default to :func:`evaluate`'s; ``extra_files`` (name -> bytes,
-    e.g. the cost curve picture) join the same set. Returns the paths of the
-    files, then of the ``_SUCCESS`` manifest.
+    e.g. the cost curve picture, or tables carrying their own metadata) join the
+    same set. Returns the paths of the files, then of the ``_SUCCESS`` manifest.
     """
     run_id = run_id or uuid.uuid4().hex
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, dataset.mean, dataset.scale)

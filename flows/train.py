@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -28,6 +29,7 @@ from flows.config import TrainConfig
 from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
 from flows.errors import DataError, DivergedError, LrflowError
 from flows.outputs import evaluate, metrics_rows, write_run_outputs
+from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
 from lr_kernel import FitResult, fit, fit_loss
 from lr_kernel.metrics import HeldOutCost
 from lr_kernel.stepsize import stable_learning_rate
@@ -60,6 +62,9 @@ class TrainSummary(BaseModel):
     seconds: float
     n_validation_examples: int = 0
     metrics: dict[str, dict[str, float]] = {}
+    # With several l2 / learning-rate candidates: the chosen one's values, its
+    # validation log-loss and the number of candidates.
+    selected: dict[str, float] | None = None
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -227,7 +232,14 @@ def write_outputs(
     started_at: datetime,
     validation_cost: np.ndarray | None = None,
     metrics: dict[str, dict[str, float]] | None = None,
+    search: SearchResult | None = None,
+    search_config: TrainConfig | None = None,
 ) -> list[Path]:
+    extra: dict[str, bytes | pa.Table] = {COST_CURVE_FILE: cost_curve_png(result.cost_history)}
+    if search is not None:  # the search's files join the same output set
+        extra |= search_tables(
+            search, search_config or config, started_at=started_at, run_id=flow_run.id
+        )
     return write_run_outputs(
         Path(config.output),
         dataset,
@@ -237,7 +249,7 @@ def write_outputs(
         run_id=flow_run.id,
         validation_cost=validation_cost,
         metrics=metrics,
-        extra_files={COST_CURVE_FILE: cost_curve_png(result.cost_history)},
+        extra_files=extra,
     )
 
 
@@ -256,6 +268,21 @@ def publish_artifacts(
         seconds=seconds,
         outputs=files,
         n_validation=0 if dataset.validation is None else dataset.validation.n_examples,
+    )
+
+
+@task(name="search", cache_policy=NO_CACHE)
+def search_model(dataset: Dataset, config: TrainConfig) -> SearchResult:
+    return run_search(dataset, config, n_threads=config.threads or available_cores())
+
+
+def publish_search(search: SearchResult) -> None:
+    """The search as a table artifact: one row per candidate, the selected one marked."""
+    create_table_artifact(
+        table=search_rows(search),
+        key="train-search",
+        description=f"l2 / learning-rate search: {len(search.grid)} candidates trained together, "
+        f"selected by log-loss on {search.n_validation} held-out examples",
     )
 
 
@@ -281,7 +308,19 @@ def train(config: TrainConfig) -> TrainSummary:
             logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
         if dataset.validation is not None:
             logger.info("holding out %d examples for validation", dataset.validation.n_examples)
-        result, validation_cost = fit_model(dataset, config)
+        search = search_model(dataset, config) if is_search(config) else None
+        if search is None:
+            result, validation_cost = fit_model(dataset, config)
+            written_config = config
+        else:
+            result, validation_cost = search.selected_result, None
+            written_config = search.selected_config(config)
+            logger.info(
+                "search over %d candidates: selected %s (validation log-loss %.6g)",
+                len(search.grid),
+                search_rows(search)[search.selected],
+                search.validation_log_loss[search.selected],
+            )
         logger.info(
             "fit stopped after %d iterations (%s), cost %.6g",
             result.n_iterations,
@@ -289,13 +328,17 @@ def train(config: TrainConfig) -> TrainSummary:
             result.cost_history[-1],
         )
         metrics = evaluate_model(dataset, result)
-        files = write_outputs(dataset, result, config, started_at, validation_cost, metrics)
+        files = write_outputs(
+            dataset, result, written_config, started_at, validation_cost, metrics, search, config
+        )
     finally:
         if not isinstance(dataset, Dataset):  # stop a Dask cluster, drop a stream cache if asked
             dataset.close()
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
-    publish_artifacts(dataset, result, config, files, time.perf_counter() - clock)
+    publish_artifacts(dataset, result, written_config, files, time.perf_counter() - clock)
     publish_metrics(metrics, "train-metrics")
+    if search is not None:
+        publish_search(search)
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],
@@ -307,6 +350,7 @@ def train(config: TrainConfig) -> TrainSummary:
         seconds=time.perf_counter() - clock,
         n_validation_examples=0 if dataset.validation is None else dataset.validation.n_examples,
         metrics=metrics,
+        selected=None if search is None else search.summary(config),
     )
 
 

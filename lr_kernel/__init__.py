@@ -13,6 +13,9 @@ Conventions
       a_i = sigmoid(wᵀ x_i + b)
 
   ``scikit-learn``'s ``LogisticRegression(C=1/l2)`` minimizes ``m`` times it.
+- Many models at once (:func:`fit_many`, or :func:`fit` given sequences of
+  ``l2`` / learning rates): ``W`` is ``(n_features, K)``, column ``k`` is
+  candidate ``k``, and ``b`` is ``(K,)``.
 - ``cost_history[i]`` is ``J`` at the parameters before update ``i + 1``; row 0 is
   the cost of the initial parameters.
 
@@ -23,6 +26,7 @@ never imports scikit-learn.
 
 from typing import Any
 
+from lr_kernel.grid import FusedLossMany, GridFitResult, fit_many, grid_candidates
 from lr_kernel.loss import (
     FusedLoss,
     LossFunction,
@@ -47,6 +51,8 @@ __all__ = [
     "OPTIMIZERS",
     "FitResult",
     "FusedLoss",
+    "FusedLossMany",
+    "GridFitResult",
     "LossFunction",
     "Optimizer",
     "StopReason",
@@ -54,6 +60,8 @@ __all__ = [
     "default_block_size",
     "fit",
     "fit_loss",
+    "fit_many",
+    "grid_candidates",
     "loss_and_gradients",
     "loss_and_gradients_naive",
     "loss_from_sums",

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import scipy.optimize
 
 from lr_kernel.loss import FloatArray, FusedLoss, LossFunction
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from lr_kernel.grid import GridFitResult
 
 StopReason = Literal["iterations", "tolerance", "diverged"]
 Optimizer = Literal["gd", "nesterov", "lbfgs"]
@@ -175,6 +180,7 @@ class _History:
         )
 
 
+@overload
 def fit(
     X: FloatArray,
     Y: FloatArray,
@@ -193,7 +199,46 @@ def fit(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     monitor: Callable[[int, FloatArray, float], None] | None = None,
-) -> FitResult:
+) -> FitResult: ...
+
+
+@overload
+def fit(
+    X: FloatArray,
+    Y: FloatArray,
+    *,
+    learning_rate: float | Sequence[float] | NDArray[np.floating] | None = None,
+    iterations: int,
+    l2: float | Sequence[float] | NDArray[np.floating] = 0.0,
+    tol: float = 0.0,
+    w0: FloatArray | None = None,
+    b0: float = 0.0,
+    callback: Callable[[int, NDArray[np.float64]], None] | None = None,
+    optimizer: Optimizer = "gd",
+    block_size: int | None = None,
+    n_threads: int = 1,
+) -> GridFitResult: ...
+
+
+def fit(
+    X: FloatArray,
+    Y: FloatArray,
+    *,
+    learning_rate: float | Sequence[float] | NDArray[np.floating] | None = None,
+    iterations: int,
+    l2: float | Sequence[float] | NDArray[np.floating] = 0.0,
+    tol: float = 0.0,
+    w0: FloatArray | None = None,
+    b0: float = 0.0,
+    callback: Callable[[int, Any], None] | None = None,
+    optimizer: Optimizer = "gd",
+    block_size: int | None = None,
+    n_threads: int = 1,
+    resume: TrainState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    monitor: Callable[[int, FloatArray, float], None] | None = None,
+) -> FitResult | GridFitResult:
     """Minimize the regularized log-loss with full-batch gradient descent or a faster solver.
 
     Every solver calls one :class:`~lr_kernel.FusedLoss` built here, so each
@@ -247,7 +292,18 @@ def fit(
     Returns
     -------
     FitResult
+        Or, given a sequence of ``l2`` values and/or learning rates, the
+        :class:`~lr_kernel.GridFitResult` of every candidate trained together
+        (see :func:`~lr_kernel.fit_many`).
     """
+    if not isinstance(l2, int | float) or not isinstance(learning_rate, int | float | None):
+        if resume is not None or on_checkpoint is not None or monitor is not None:
+            raise ValueError("a grid of candidates takes no resume, checkpoints or monitor")
+        from lr_kernel.grid import fit_many  # grid.py builds on this module
+
+        return fit_many(X, Y, learning_rate=learning_rate, iterations=iterations, l2=l2, tol=tol,
+                        w0=w0, b0=b0, callback=callback, optimizer=optimizer,
+                        block_size=block_size, n_threads=n_threads)  # fmt: skip
     m = X.shape[1]
     if Y.shape != (1, m):
         raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")

@@ -175,7 +175,7 @@ BAD_CLI_INPUTS = {
         _one(GOOD, "--learning-rate", "fast"),
         "positive finite number or 'auto'",
     ),
-    "infinite l2": (_one(GOOD, "--l2", "inf"), "l2: Input should be a finite number"),
+    "infinite l2": (_one(GOOD, "--l2", "inf"), "l2: Value error, must be a finite number >= 0"),
     "negative tol": (_one(GOOD, "--tol", "-1"), "tol: Input should be greater than or equal to 0"),
     "positive label absent": (
         _one({"x": [1.0, 2.0], "label": ["a", "b"]}, "--positive-label", "c"),

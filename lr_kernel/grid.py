@@ -1,0 +1,510 @@
+"""Many models in one pass over X: K weight vectors as the columns of W, trained together."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, FloatArray
+from lr_kernel.train import (
+    DIVERGENCE_PATIENCE,
+    OPTIMIZERS,
+    FitResult,
+    Optimizer,
+    StopReason,
+    fit,
+)
+
+# Bytes of X in one block, half FusedLoss's: the second GEMM, which reads the
+# block from cache, takes about as long as the first for K >= 8, so the block
+# must survive longer in the cache next to its (K, block) scratch.
+GRID_BLOCK_BYTES = 4 * 2**20
+# Bytes of each (K, block) scratch matrix of one thread: the elementwise passes
+# between the GEMMs walk it about eight times per block.
+SCRATCH_BYTES = 2 * 2**20
+
+Values = float | Sequence[float] | NDArray[np.floating]
+
+
+def grid_block_size(n_features: int, n_models: int, dtype: np.dtype[np.floating]) -> int:
+    """Examples per block for ``n_models`` models: the smaller of X's and the scratch's bound."""
+    by_x = GRID_BLOCK_BYTES // max(1, n_features * dtype.itemsize)
+    by_scratch = SCRATCH_BYTES // max(1, n_models * dtype.itemsize)
+    return int(min(MAX_BLOCK, max(MIN_BLOCK, min(by_x, by_scratch) // 256 * 256)))
+
+
+class FusedLossMany:
+    """Costs and gradients of ``K`` models in one cache-blocked pass over ``X``.
+
+    :class:`~lr_kernel.FusedLoss` with the weight vector widened to a matrix.
+    For each column block ``Xb`` of ``block_size`` examples, while it is in cache::
+
+        U   = -(Wᵀ Xb + b)                     (K, k), one GEMM: reads Xb from memory
+        J  += Σ_i log(1 + exp(U)) - U (1 - Y)ᵀ (K,)
+        dZ  = 1 / (1 + exp(U)) - Y             (K, k) = sigmoid(Z) - Y
+        dW += Xb dZᵀ,  db += Σ_i dZ            (n, K), one GEMM: reads Xb from cache
+
+    so one call reads ``X`` from memory once for all ``K`` models: the GEMV of a
+    single model, memory-bound, becomes a GEMM whose extra columns cost
+    arithmetic, not memory traffic.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_features, n_examples), float32 or float64
+        Column-stacked, unit stride along examples; only read.
+    Y : ndarray of shape (1, n_examples), ``X``'s dtype, 0.0/1.0
+    n_models : int
+        Most models per call (``K``); a call may pass fewer (e.g. only the
+        candidates still training). Sizes the scratch.
+    block_size : int, optional
+        Examples per block; default :func:`grid_block_size`.
+    n_threads : int, default 1
+        As for :class:`~lr_kernel.FusedLoss`: more than one only where BLAS is
+        limited to one thread.
+
+    Notes
+    -----
+    One instance serves one caller at a time. Results are bitwise reproducible
+    for a given ``block_size``, ``n_threads`` and set of models passed; they
+    equal :class:`~lr_kernel.FusedLoss`'s per model up to float rounding (the
+    GEMM sums in another order than the GEMV).
+    """
+
+    def __init__(
+        self,
+        X: FloatArray,
+        Y: FloatArray,
+        *,
+        n_models: int,
+        block_size: int | None = None,
+        n_threads: int = 1,
+    ) -> None:
+        n, m = X.shape
+        if X.dtype not in (np.float32, np.float64):
+            raise ValueError(f"X must be float32 or float64, got {X.dtype}")
+        if Y.shape != (1, m):
+            raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
+        if m < 1:
+            raise ValueError("X must have at least one example")
+        if n_models < 1:
+            raise ValueError(f"n_models must be >= 1, got {n_models}")
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        block = grid_block_size(n, n_models, X.dtype) if block_size is None else int(block_size)
+        if block < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        block = min(block, m)
+        self.X = X
+        self.y = np.ascontiguousarray(Y.reshape(m), dtype=X.dtype)  # (m,)
+        self.n_models = n_models
+        self.block_size = block
+        starts = list(range(0, m, block))
+        n_threads = min(n_threads, len(starts))
+        per_thread = -(-len(starts) // n_threads)
+        self._shares = [starts[k : k + per_thread] for k in range(0, len(starts), per_thread)]
+        # Flat buffers: the first K * k elements reshape to a contiguous (K, k),
+        # whatever K a call brings.
+        self._scratch = [
+            (
+                np.empty(n_models * block, X.dtype),  # U, then dZ
+                np.empty(n_models * block, X.dtype),  # log(1 + exp(U)), or U - cap
+                np.empty(block, X.dtype),  # Y - 1 of the block
+                np.empty(n * n_models, X.dtype),  # Xb dZᵀ
+                np.empty(n_models, X.dtype),  # U (Y - 1)ᵀ
+            )
+            for _ in self._shares
+        ]
+        # As in FusedLoss: exp(U) and 1 / (1 + exp(U)) stay finite and normal.
+        self._u_cap = float(np.log(np.finfo(X.dtype).max)) - 10.0
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        return self.X.dtype
+
+    def __call__(
+        self, W: FloatArray, b: FloatArray, l2: FloatArray
+    ) -> tuple[NDArray[np.float64], FloatArray, NDArray[np.float64]]:
+        """Costs and gradients of ``K <= n_models`` models.
+
+        Parameters
+        ----------
+        W : ndarray of shape (n_features, K)
+            Column ``k`` is model ``k``'s weights.
+        b : ndarray of shape (K,)
+            Intercepts.
+        l2 : ndarray of shape (K,)
+            Penalty strengths; model ``k``'s penalty is ``(l2[k] / (2m)) ||W[:, k]||²``.
+
+        Returns
+        -------
+        cost : ndarray of shape (K,), float64
+        dW : ndarray of shape (n_features, K), ``X``'s dtype
+            ``(1/m) X dZᵀ + (l2/m) W``.
+        db : ndarray of shape (K,), float64
+        """
+        n, m = self.X.shape
+        K = W.shape[1]
+        if W.shape[0] != n or not 1 <= K <= self.n_models:
+            raise ValueError(f"W must have shape ({n}, K <= {self.n_models}), got {W.shape}")
+        neg_WT = np.ascontiguousarray(-W.T, dtype=self.dtype)  # (K, n)
+        b_column = np.asarray(b, dtype=self.dtype).reshape(K, 1)  # (K, 1)
+        partials: list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]]
+        partials = [(np.zeros(0), np.zeros(0), np.zeros(0))] * len(self._shares)
+
+        def run(k: int) -> None:
+            partials[k] = self._sum_blocks(k, neg_WT, b_column)
+
+        if len(self._shares) == 1:
+            run(0)
+        else:
+            workers = [threading.Thread(target=run, args=(k,)) for k in range(1, len(self._shares))]
+            for worker in workers:
+                worker.start()
+            run(0)
+            for worker in workers:
+                worker.join()
+        # Summed in share order whatever the threads' timing: reproducible bits.
+        loss_sum, dW_sum, db_sum = (p.copy() for p in partials[0])
+        for p in partials[1:]:
+            loss_sum += p[0]
+            dW_sum += p[1]
+            db_sum += p[2]
+        W64 = W.astype(np.float64, copy=False)
+        l2_64 = np.asarray(l2, dtype=np.float64).reshape(K)
+        cost = (loss_sum + 0.5 * l2_64 * np.einsum("ij,ij->j", W64, W64)) / m  # (K,)
+        dW = dW_sum / m + (l2_64 / m) * W64  # (n, K)
+        return cost, dW.astype(self.dtype, copy=False), db_sum / m
+
+    def _sum_blocks(
+        self, share: int, neg_WT: FloatArray, b_column: FloatArray
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Unnormalized losses ``(K,)``, ``X dZᵀ`` ``(n, K)`` and ``Σ dZ`` ``(K,)`` of one share."""
+        X, y, cap = self.X, self.y, self._u_cap
+        n, m = X.shape
+        K = neg_WT.shape[0]
+        U_flat, V_flat, y_minus_1, gemm_flat, linear = self._scratch[share]
+        gemm_out = gemm_flat[: n * K].reshape(n, K)
+        linear_out = linear[:K]
+        loss_sum = np.zeros(K, dtype=np.float64)
+        db_sum = np.zeros(K, dtype=np.float64)
+        # float64 accumulators across blocks, as in FusedLoss.
+        dW_sum = np.zeros((n, K), dtype=np.float64)
+        for start in self._shares[share]:
+            stop = min(start + self.block_size, m)
+            k = stop - start
+            Xb = X[:, start:stop]  # (n, k) view, rows strided by m
+            yb = y[start:stop]  # (k,)
+            U = U_flat[: K * k].reshape(K, k)
+            V = V_flat[: K * k].reshape(K, k)
+            np.matmul(neg_WT, Xb, out=U)  # (K, k) = -Wᵀ Xb
+            U -= b_column  # U = -Z
+            # Per example, softplus(Z) - Y Z = log(1 + exp(U)) + (Y - 1) U. The
+            # linear part summed over the block is one GEMV, U (Y - 1)ᵀ, instead of
+            # three passes over (K, k).
+            np.subtract(yb, 1.0, out=y_minus_1[:k])
+            np.matmul(U, y_minus_1[:k], out=linear_out)  # (K,)
+            loss_sum += linear_out
+            if U.max() > cap:  # rare: some Z below -cap, an extreme score
+                # log(1 + exp(u)) = cap' + (u - cap) for u > cap, to rounding.
+                np.subtract(U, cap, out=V)
+                np.maximum(V, 0.0, out=V)
+                loss_sum += V.sum(axis=1, dtype=np.float64)
+                np.minimum(U, cap, out=U)
+            np.exp(U, out=U)
+            U += 1.0  # 1 + exp(-Z), in [1, 1 + exp(cap)]: log and 1/U are safe
+            np.log(U, out=V)
+            loss_sum += V.sum(axis=1, dtype=np.float64)
+            np.reciprocal(U, out=U)  # sigmoid(Z)
+            U -= yb  # dZ, (K, k)
+            db_sum += U.sum(axis=1, dtype=np.float64)
+            np.matmul(Xb, U.T, out=gemm_out)  # (n, K), Xb is still in cache
+            dW_sum += gemm_out
+        return loss_sum, dW_sum, db_sum
+
+
+@dataclass(frozen=True)
+class GridFitResult:
+    """What :func:`fit_many` (and :func:`lr_kernel.fit` given sequences) returns.
+
+    Candidate ``k`` is column ``k`` of ``w``, as ``X`` stacks examples.
+
+    Attributes
+    ----------
+    w : ndarray of shape (n_features, K)
+        Final weights of each candidate.
+    b : ndarray of shape (K,), float64
+        Final intercepts.
+    l2, learning_rate : ndarray of shape (K,), float64
+        Each candidate's values (``learning_rate`` is NaN for ``"lbfgs"``).
+    cost_history, gradient_norm_history : tuple of K ndarrays, float64
+        Candidate ``k``'s rows, of length ``n_iterations[k] + 1``, as in
+        :class:`~lr_kernel.FitResult`.
+    n_iterations : ndarray of shape (K,), int64
+        Updates applied to each candidate.
+    stop_reason : tuple of K of {"iterations", "tolerance", "diverged"}
+        Per candidate, with :class:`~lr_kernel.FitResult`'s meaning; a stopped
+        candidate is frozen while the others go on.
+    """
+
+    w: FloatArray
+    b: NDArray[np.float64]
+    l2: NDArray[np.float64]
+    learning_rate: NDArray[np.float64]
+    cost_history: tuple[FloatArray, ...]
+    gradient_norm_history: tuple[FloatArray, ...]
+    n_iterations: NDArray[np.int64]
+    stop_reason: tuple[StopReason, ...]
+
+    def __len__(self) -> int:
+        return len(self.stop_reason)
+
+    @property
+    def converged(self) -> NDArray[np.bool_]:
+        """``(K,)``: True where the tolerance rule stopped the candidate."""
+        return np.array([reason == "tolerance" for reason in self.stop_reason])
+
+    def candidate(self, k: int) -> FitResult:
+        """Candidate ``k`` as the :class:`~lr_kernel.FitResult` of a single fit."""
+        return FitResult(
+            w=self.w[:, k : k + 1].copy(),
+            b=float(self.b[k]),
+            cost_history=self.cost_history[k],
+            gradient_norm_history=self.gradient_norm_history[k],
+            n_iterations=int(self.n_iterations[k]),
+            converged=self.stop_reason[k] == "tolerance",
+            stop_reason=self.stop_reason[k],
+        )
+
+    @classmethod
+    def from_fits(
+        cls, fits: Sequence[FitResult], l2: FloatArray, learning_rate: FloatArray
+    ) -> GridFitResult:
+        """Stack single fits (candidate ``k`` is ``fits[k]``)."""
+        return cls(
+            w=np.concatenate([f.w for f in fits], axis=1),
+            b=np.array([f.b for f in fits], dtype=np.float64),
+            l2=np.asarray(l2, dtype=np.float64),
+            learning_rate=np.asarray(learning_rate, dtype=np.float64),
+            cost_history=tuple(f.cost_history for f in fits),
+            gradient_norm_history=tuple(f.gradient_norm_history for f in fits),
+            n_iterations=np.array([f.n_iterations for f in fits], dtype=np.int64),
+            stop_reason=tuple(f.stop_reason for f in fits),
+        )
+
+
+def grid_candidates(
+    l2: Values, learning_rate: Values | None
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Every pair of an ``l2`` and a learning rate, ``l2``-major: two ``(K,)`` arrays.
+
+    Candidate ``k = i * len(learning_rate) + j`` is ``(l2[i], learning_rate[j])``;
+    a missing learning rate (``"lbfgs"``) is NaN.
+    """
+    l2_values = np.atleast_1d(np.asarray(l2, dtype=np.float64))
+    rates = np.atleast_1d(
+        np.asarray(math.nan if learning_rate is None else learning_rate, dtype=np.float64)
+    )
+    if l2_values.ndim != 1 or rates.ndim != 1 or not l2_values.size or not rates.size:
+        raise ValueError("l2 and learning_rate must be numbers or non-empty 1-d sequences")
+    return np.repeat(l2_values, rates.size), np.tile(rates, l2_values.size)
+
+
+def fit_many(
+    X: FloatArray,
+    Y: FloatArray,
+    *,
+    learning_rate: Values | None = None,
+    iterations: int,
+    l2: Values = 0.0,
+    tol: float = 0.0,
+    w0: FloatArray | None = None,
+    b0: float = 0.0,
+    callback: Callable[[int, NDArray[np.float64]], None] | None = None,
+    optimizer: Optimizer = "gd",
+    block_size: int | None = None,
+    n_threads: int = 1,
+) -> GridFitResult:
+    """Train the grid of every ``l2`` times every learning rate, together on the same ``X``.
+
+    :func:`lr_kernel.fit` with sequences calls this. Arguments are ``fit``'s,
+    except that ``l2`` and ``learning_rate`` may be sequences (see
+    :func:`grid_candidates` for the candidates' order) and ``callback`` gets
+    ``(iteration, cost)`` with ``cost`` of shape ``(K,)``, NaN for candidates
+    already stopped.
+
+    With ``"gd"`` and ``"nesterov"`` each iteration is one call of
+    :class:`FusedLossMany` on the candidates still running, so ``X`` is read
+    once per iteration for all of them, and each candidate's parameters equal a
+    single :func:`lr_kernel.fit` with its values up to float rounding. A
+    candidate that meets a stop rule (tolerance or divergence, as in ``fit``)
+    is frozen; the others go on. ``"lbfgs"`` picks its own steps per
+    candidate, so its candidates are fitted one after another (``l2`` grid
+    only). One candidate is fitted by ``fit`` itself: the same result, bit for
+    bit, as a single fit.
+
+    Returns
+    -------
+    GridFitResult
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "lbfgs" and learning_rate is not None and np.ndim(learning_rate) > 0:
+        raise ValueError("lbfgs searches its own steps: a learning_rate grid needs gd or nesterov")
+    l2_values, rates = grid_candidates(l2, None if optimizer == "lbfgs" else learning_rate)
+    K = l2_values.size
+    n, m = X.shape
+    for value in l2_values:
+        if not value >= 0 or not math.isfinite(value):
+            raise ValueError(f"l2 must be >= 0 and finite, got {value}")
+    if optimizer != "lbfgs":
+        if learning_rate is None:
+            raise ValueError("learning_rate must be a positive finite number, got None")
+        for rate in rates:
+            if not rate > 0 or not math.isfinite(rate):
+                raise ValueError(f"learning_rate must be a positive finite number, got {rate}")
+
+    def single(k: int) -> FitResult:
+        def forward(iteration: int, cost: float) -> None:
+            if callback is not None:
+                costs = np.full(K, math.nan)
+                costs[k] = cost
+                callback(iteration, costs)
+
+        return fit(
+            X,
+            Y,
+            learning_rate=None if optimizer == "lbfgs" else float(rates[k]),
+            iterations=iterations,
+            l2=float(l2_values[k]),
+            tol=tol,
+            w0=w0,
+            b0=b0,
+            callback=forward if callback is not None else None,
+            optimizer=optimizer,
+            block_size=block_size,
+            n_threads=n_threads,
+        )
+
+    if K == 1 or optimizer == "lbfgs":
+        return GridFitResult.from_fits([single(k) for k in range(K)], l2_values, rates)
+    # fit's own checks, for the arguments it would see.
+    if Y.shape != (1, m):
+        raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    W = np.zeros((n, K), dtype=X.dtype)
+    if w0 is not None:
+        if w0.shape != (n, 1):
+            raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
+        W[:] = w0
+    loss = FusedLossMany(X, Y, n_models=K, block_size=block_size, n_threads=n_threads)
+    return _descent_many(loss, W, float(b0), l2_values, rates, iterations, tol, optimizer, callback)
+
+
+def _descent_many(
+    loss: FusedLossMany,
+    W: FloatArray,
+    b0: float,
+    l2: NDArray[np.float64],
+    learning_rate: NDArray[np.float64],
+    iterations: int,
+    tol: float,
+    optimizer: Optimizer,
+    callback: Callable[[int, NDArray[np.float64]], None] | None,
+) -> GridFitResult:
+    """Gradient descent or Nesterov over K candidates, each with ``fit``'s stop rules.
+
+    The arithmetic per candidate is that of ``_gradient_descent`` /
+    ``_nesterov`` in ``lr_kernel.train``, in the same order and dtypes, so the
+    only difference from single fits is the GEMM's summation order.
+    """
+    K = W.shape[1]
+    dtype = loss.dtype
+    rise_rtol = 64 * float(np.finfo(dtype).eps)  # as lr_kernel.train._rise_rtol
+    # The step in X's dtype, as a Python float times a float32 array is float32.
+    rates = learning_rate.astype(dtype)
+    nesterov = optimizer == "nesterov"
+    b = np.full(K, b0, dtype=np.float64)
+    # Nesterov evaluates at (V, c) and steps from there; (W, b) is the last
+    # gradient step. For gd, (V, c) is (W, b) itself.
+    V, c = (W.copy(), b.copy()) if nesterov else (W, b)
+    t = np.ones(K)
+    costs: list[list[float]] = [[] for _ in range(K)]
+    grad_norms: list[list[float]] = [[] for _ in range(K)]
+    stop: list[StopReason] = ["iterations"] * K
+    rises = np.zeros(K, dtype=np.int64)
+
+    def record(iteration: int, active: NDArray[np.intp], cost: NDArray[np.float64],
+               dW: FloatArray, db: NDArray[np.float64]) -> None:  # fmt: skip
+        for j, k in enumerate(active):
+            costs[k].append(float(cost[j]))
+            grad_norms[k].append(math.hypot(float(np.linalg.norm(dW[:, j])), float(db[j])))
+        if callback is not None:
+            reported = np.full(K, math.nan)
+            reported[active] = cost
+            callback(iteration, reported)
+
+    active = np.arange(K)
+    cost, dW, db = loss(V, c, l2)
+    record(0, active, cost, dW, db)
+    initial = cost.copy()
+    for iteration in range(1, iterations + 1):
+        step = rates[active]  # (Ka,)
+        W_next = V[:, active] - step * dW  # (n, Ka)
+        b_next = c[active] - learning_rate[active] * db  # (Ka,)
+        previous = cost
+        if nesterov:
+            t[active[rises[active] > 0]] = 1.0  # restart: no momentum after a rise
+            t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t[active] * t[active]))
+            momentum = (t[active] - 1.0) / t_next  # (Ka,)
+            V[:, active] = W_next + momentum.astype(dtype) * (W_next - W[:, active])
+            c[active] = b_next + momentum * (b_next - b[active])
+            t[active] = t_next
+        else:
+            V[:, active] = W_next
+            c[active] = b_next
+        W[:, active] = W_next
+        b[active] = b_next
+        cost, dW, db = loss(V[:, active], c[active], l2[active])
+        record(iteration, active, cost, dW, db)
+        keep = np.ones(active.size, dtype=bool)
+        for j, k in enumerate(active):
+            if not math.isfinite(cost[j]) or not math.isfinite(grad_norms[k][-1]):
+                stop[k], keep[j] = "diverged", False
+                continue
+            rises[k] = rises[k] + 1 if cost[j] > previous[j] + rise_rtol * abs(previous[j]) else 0
+            if rises[k] >= DIVERGENCE_PATIENCE or cost[j] > initial[k] + rise_rtol * abs(
+                initial[k]
+            ):
+                stop[k], keep[j] = "diverged", False
+            elif abs(cost[j] - previous[j]) < tol:
+                stop[k], keep[j] = "tolerance", False
+        if not keep.all():
+            active, cost, dW, db = active[keep], cost[keep], dW[:, keep], db[keep]
+            if not active.size:
+                break
+    return GridFitResult(
+        w=V,
+        b=c,
+        l2=l2,
+        learning_rate=learning_rate,
+        cost_history=tuple(np.asarray(h, dtype=np.float64) for h in costs),
+        gradient_norm_history=tuple(np.asarray(h, dtype=np.float64) for h in grad_norms),
+        n_iterations=np.array([len(h) - 1 for h in costs], dtype=np.int64),
+        stop_reason=tuple(stop),
+    )

@@ -1,0 +1,160 @@
+"""K models in one pass: FusedLossMany against FusedLoss, fit_many against separate fits."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lr_kernel import FitResult, FusedLoss, FusedLossMany, GridFitResult, fit, grid_candidates
+from tests.test_fast_kernel import make_problem
+
+# The GEMM sums X dZᵀ in another order than the GEMV: parameters agree to
+# rounding, far inside the issue's 1e-10.
+PARAMETER_ATOL = 1e-10
+
+
+@pytest.mark.parametrize(
+    ("m", "block_size", "n_threads"), [(1, None, 1), (7, 3, 2), (5000, 512, 3)]
+)
+def test_many_models_equal_one_model_at_a_time(m, block_size, n_threads):
+    X, Y = make_problem(n=6, m=m, seed=m)
+    rng = np.random.default_rng(2)
+    W = rng.normal(size=(6, 4))
+    b = np.array([-0.4, 0.0, 0.3, 2.0])
+    l2 = np.array([0.0, 0.5, 3.0, 0.0])
+    many = FusedLossMany(X, Y, n_models=5, block_size=block_size, n_threads=n_threads)
+    cost, dW, db = many(W, b, l2)
+    assert cost.shape == (4,) and dW.shape == (6, 4) and db.shape == (4,)
+    for k in range(4):
+        ref_cost, ref_dw, ref_db = FusedLoss(X, Y)(W[:, k : k + 1], float(b[k]), float(l2[k]))
+        assert cost[k] == pytest.approx(ref_cost, rel=1e-12)
+        np.testing.assert_allclose(dW[:, k : k + 1], ref_dw, rtol=1e-11, atol=1e-15)
+        assert db[k] == pytest.approx(ref_db, rel=1e-11, abs=1e-15)
+    # Fewer models than the scratch holds, and bitwise reproducible.
+    again = many(W[:, 1:3], b[1:3], l2[1:3])
+    np.testing.assert_array_equal(again[1], many(W[:, 1:3], b[1:3], l2[1:3])[1])
+    np.testing.assert_allclose(again[1], dW[:, 1:3], rtol=1e-12, atol=1e-15)
+
+
+def test_many_models_keep_extreme_scores_exact():
+    rng = np.random.default_rng(4)
+    X = rng.choice([-1.0, 1.0], size=(2, 50)) * rng.uniform(0, 2500, size=(2, 50))
+    Y = (rng.random((1, 50)) < 0.5).astype(np.float64)
+    W = np.array([[1.0, 0.0], [1.0, 0.001]])
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        cost, dW, _ = FusedLossMany(X, Y, n_models=2, block_size=7)(W, np.zeros(2), np.zeros(2))
+    Z = W.T @ X  # (2, m)
+    exact = np.mean(np.logaddexp(0.0, Z) - Y * Z, axis=1)
+    np.testing.assert_allclose(cost, exact, rtol=1e-12)
+    assert np.all(np.isfinite(dW))
+
+
+def test_float32_many_models_match_float64_to_float32_rounding():
+    X, Y = make_problem(n=8, m=3001, seed=2, dtype=np.float32)
+    W = np.random.default_rng(3).normal(size=(8, 3)).astype(np.float32)
+    cost, dW, db = FusedLossMany(X, Y, n_models=3, block_size=1000)(W, np.full(3, 0.2), np.ones(3))
+    assert dW.dtype == np.float32
+    for k in range(3):
+        ref = FusedLoss(X.astype(np.float64), Y.astype(np.float64))(
+            W[:, k : k + 1].astype(np.float64), 0.2, 1.0
+        )
+        assert cost[k] == pytest.approx(ref[0], rel=1e-6)
+        np.testing.assert_allclose(dW[:, k : k + 1], ref[1], rtol=1e-5, atol=1e-6)
+        assert db[k] == pytest.approx(ref[2], rel=1e-5, abs=1e-6)
+
+
+def test_candidates_are_every_l2_with_every_learning_rate():
+    l2, rates = grid_candidates([0.0, 1.0, 10.0], [0.1, 1.0])
+    assert l2.tolist() == [0.0, 0.0, 1.0, 1.0, 10.0, 10.0]
+    assert rates.tolist() == [0.1, 1.0, 0.1, 1.0, 0.1, 1.0]
+    l2, rates = grid_candidates(0.5, None)
+    assert l2.tolist() == [0.5] and math.isnan(rates[0])
+
+
+def _assert_equals_single_fits(grid, X, Y, **kwargs):
+    assert isinstance(grid, GridFitResult)
+    for k in range(len(grid)):
+        single = fit(
+            X, Y, learning_rate=float(grid.learning_rate[k]), l2=float(grid.l2[k]), **kwargs
+        )
+        assert grid.stop_reason[k] == single.stop_reason
+        assert grid.n_iterations[k] == single.n_iterations
+        np.testing.assert_allclose(grid.w[:, k : k + 1], single.w, rtol=0, atol=PARAMETER_ATOL)
+        assert grid.b[k] == pytest.approx(single.b, rel=0, abs=PARAMETER_ATOL)
+        np.testing.assert_allclose(grid.cost_history[k], single.cost_history, rtol=1e-12)
+        as_single = grid.candidate(k)
+        assert isinstance(as_single, FitResult) and as_single.w.shape == single.w.shape
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov"])
+def test_each_candidate_equals_its_own_fit_while_others_stop(optimizer):
+    # Scaled features: a step of 30 diverges; the others run to the budget, and
+    # each stopped candidate is frozen while the rest go on.
+    X, Y = make_problem(n=5, m=2000, seed=11, scale=2.0)
+    kwargs = {"iterations": 150, "optimizer": optimizer, "block_size": 300, "n_threads": 2}
+    grid = fit(X, Y, l2=[0.0, 1.0, 50.0], learning_rate=[0.05, 0.5, 30.0], **kwargs)
+    assert len(grid) == 9 and grid.w.shape == (5, 9) and grid.b.shape == (9,)
+    assert grid.stop_reason.count("diverged") == 3
+    assert set(grid.stop_reason[k] for k in range(9) if grid.learning_rate[k] < 1) == {"iterations"}
+    _assert_equals_single_fits(grid, X, Y, **kwargs)
+
+
+def test_tolerance_stops_each_candidate_at_its_own_iteration():
+    X, Y = make_problem(n=4, m=800, seed=12)
+    kwargs = {"iterations": 5000, "tol": 1e-7}
+    grid = fit(X, Y, learning_rate=[0.2, 2.0], l2=0.0, **kwargs)
+    assert grid.stop_reason == ("tolerance", "tolerance")
+    assert grid.converged.tolist() == [True, True]
+    assert grid.n_iterations[0] > grid.n_iterations[1]  # the small step needs longer
+    _assert_equals_single_fits(grid, X, Y, **kwargs)
+
+
+def test_callback_reports_every_candidate_and_nan_once_stopped():
+    X, Y = make_problem(n=3, m=300, seed=13, scale=3.0)
+    seen = []
+    grid = fit(
+        X, Y, learning_rate=[0.1, 1e4], iterations=5, callback=lambda i, c: seen.append((i, c))
+    )
+    assert grid.stop_reason == ("iterations", "diverged")
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_array_equal([c[0] for _, c in seen], grid.cost_history[0])
+    stopped = [c[1] for _, c in seen[grid.n_iterations[1] + 1 :]]
+    assert all(math.isnan(c) for c in stopped)
+
+
+def test_one_candidate_is_todays_fit_bit_for_bit():
+    X, Y = make_problem(n=4, m=500, seed=14)
+    single = fit(X, Y, learning_rate=0.7, l2=0.3, iterations=40)
+    assert isinstance(single, FitResult)
+    grid = fit(X, Y, learning_rate=[0.7], l2=[0.3], iterations=40)
+    assert isinstance(grid, GridFitResult) and len(grid) == 1
+    np.testing.assert_array_equal(grid.w, single.w)
+    np.testing.assert_array_equal(grid.cost_history[0], single.cost_history)
+    assert grid.b[0] == single.b
+
+
+def test_lbfgs_fits_an_l2_grid_one_candidate_at_a_time():
+    X, Y = make_problem(n=4, m=500, seed=15)
+    grid = fit(X, Y, l2=[0.1, 10.0], iterations=50, optimizer="lbfgs", tol=1e-12)
+    for k, l2 in enumerate([0.1, 10.0]):
+        single = fit(X, Y, l2=l2, iterations=50, optimizer="lbfgs", tol=1e-12)
+        np.testing.assert_array_equal(grid.w[:, k : k + 1], single.w)
+    assert np.isnan(grid.learning_rate).all()
+    with pytest.raises(ValueError, match="learning_rate grid"):
+        fit(X, Y, learning_rate=[0.1, 1.0], iterations=5, optimizer="lbfgs")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"l2": [0.1, -1.0], "learning_rate": 0.1}, "l2"),
+        ({"l2": [0.1, 1.0], "learning_rate": [0.1, math.inf]}, "learning_rate"),
+        ({"l2": [0.1, 1.0]}, "learning_rate"),
+        ({"l2": [], "learning_rate": 0.1}, "non-empty"),
+        ({"l2": [[0.1]], "learning_rate": 0.1}, "1-d"),
+    ],
+)
+def test_bad_grids_are_rejected(kwargs, message):
+    X, Y = make_problem()
+    with pytest.raises(ValueError, match=message):
+        fit(X, Y, iterations=3, **kwargs)
