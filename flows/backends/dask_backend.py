@@ -228,7 +228,7 @@ def open_dask(
     if client is None:
         if address is None:
             cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=1, dashboard_address=None
+                n_workers=n_workers, threads_per_worker=1, dashboard_address=":0"
             )
             owned.append(cluster)
             client = Client(cluster)
