@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from flows.threads import kernel_threads
 from lr_kernel import FusedLoss, fit, loss_and_gradients_naive
 from lr_kernel.reference import loss_and_gradients_double_loop, loss_and_gradients_loop
 
@@ -164,12 +165,19 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
             with threadpool_limits(1, "blas"):
                 return threaded(w, 0.1)
 
+        def the_flows_setting(threaded: FusedLoss = threaded, w: np.ndarray = w) -> object:
+            with kernel_threads():
+                return threaded(w, 0.1)
+
         candidates: dict[str, Callable[[], object]] = {
             "read: X.sum()": X.sum,
             "read: w.T @ X": lambda X=X, w=w: w.T @ X,
             "naive vectorized": lambda X=X, Y=Y, w=w: loss_and_gradients_naive(X, Y, w, 0.1),
             "ours, 1 Python thread (default)": lambda fused=fused, w=w: fused(w, 0.1),
             f"ours, {os.cpu_count()} Python threads, BLAS limited to 1": threaded_one_blas,
+            f"ours, {os.cpu_count()} threads as the flow runs them (kernel_threads)": (
+                the_flows_setting
+            ),
             "scikit-learn LinearModelLoss.loss_gradient": sklearn_loss_gradient(X, Y, 1.0),
         }
         times = interleaved(candidates, repeats)

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from threadpoolctl import threadpool_limits
 
 from flows.config import TrainConfig
 from flows.dataset import Dataset
 from flows.errors import DataError, DivergedError
 from flows.outputs import run_metadata, with_metadata
+from flows.threads import kernel_threads
 from lr_kernel import FitResult, GridFitResult, fit
 from lr_kernel.metrics import binary_metrics
 
@@ -103,7 +103,7 @@ def run_search(dataset: Dataset, config: TrainConfig, n_threads: int) -> SearchR
     train = dataset
     rates = None if config.optimizer == "lbfgs" else _listed(config.learning_rate)
     # As for a single fit: the kernel's own threads, BLAS on one thread under them.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with kernel_threads():
         grid = fit(
             train.X,
             train.Y,

@@ -1,7 +1,6 @@
 """The train flow: Parquet -> Dataset -> lr_kernel.fit -> Parquet, as three coarse tasks."""
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -14,7 +13,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
-from threadpoolctl import threadpool_limits
 
 from flows.artifacts import (
     COST_CURVE_FILE,
@@ -30,6 +28,7 @@ from flows.dataset import Dataset, check_output_location, load_dataset, plan_inp
 from flows.errors import DataError, DivergedError, LrflowError
 from flows.outputs import evaluate, metrics_rows, write_run_outputs
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
+from flows.threads import available_cores, kernel_threads
 from lr_kernel import FitResult, fit, fit_loss
 from lr_kernel.metrics import HeldOutCost
 from lr_kernel.stepsize import stable_learning_rate
@@ -72,14 +71,6 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(state.data, LrflowError)
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def fit_dataset(
     dataset: Dataset,
     config: TrainConfig,
@@ -110,10 +101,7 @@ def fit_dataset(
         checkpoint_every=config.checkpoint_every,
         on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
     )
-    # The kernel splits X's blocks over its own threads, each calling BLAS on
-    # cache-sized blocks; a multi-threaded BLAS under them would oversubscribe
-    # the cores and stall on every small call (benchmarks/RESULTS.md).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with kernel_threads():
         if isinstance(dataset, Dataset):
             result = fit(dataset.X, dataset.Y, n_threads=n_threads, **arguments)
         else:  # a stream or dask backend's data: the same solvers over its loss
