@@ -166,7 +166,7 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
                 return threaded(w, 0.1)
 
         def the_flows_setting(threaded: FusedLoss = threaded, w: np.ndarray = w) -> object:
-            with kernel_threads():
+            with kernel_threads(os.cpu_count() or 1):
                 return threaded(w, 0.1)
 
         candidates: dict[str, Callable[[], object]] = {

@@ -36,11 +36,13 @@ def start_ephemeral_prefect_server() -> None:
     schema ready and starts in seconds; the flows then run concurrently (SQLite
     in WAL mode with a busy timeout). Does nothing when an API URL is configured.
     """
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    # Only now: importing the server (FastAPI, SQLAlchemy, ...) takes ~3 s.
+    from prefect.server.api.server import SubprocessASGIServer
+
     home = Path(PREFECT_HOME.value()).expanduser()
     home.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(home / ".lrflow-server-start.lock"):

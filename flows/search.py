@@ -103,7 +103,7 @@ def run_search(dataset: Dataset, config: TrainConfig, n_threads: int) -> SearchR
     train = dataset
     rates = None if config.optimizer == "lbfgs" else _listed(config.learning_rate)
     # As for a single fit: the kernel's own threads, BLAS on one thread under them.
-    with kernel_threads():
+    with kernel_threads(n_threads):
         grid = fit(
             train.X,
             train.Y,

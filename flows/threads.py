@@ -23,16 +23,18 @@ def available_cores() -> int:
 
 
 @contextmanager
-def kernel_threads() -> Iterator[None]:
-    """The setting under which the flows call the kernel with ``n_threads`` = the cores.
+def kernel_threads(n_threads: int = 2) -> Iterator[None]:
+    """The setting under which the flows call the kernel with ``n_threads`` threads.
 
     BLAS is limited to one thread: a multi-threaded BLAS under the kernel's own
     threads oversubscribes the cores, and on a busy machine each of its ~250
     small calls per iteration then waits for a descheduled thread (up to 10x
-    slower). The GIL switch interval is shortened for the duration and restored.
+    slower). With more than one kernel thread the GIL switch interval is
+    shortened for the duration, then restored.
     """
     previous = sys.getswitchinterval()
-    sys.setswitchinterval(KERNEL_SWITCH_INTERVAL_S)
+    if n_threads > 1:
+        sys.setswitchinterval(KERNEL_SWITCH_INTERVAL_S)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield

@@ -29,7 +29,7 @@ from flows.errors import DataError, DivergedError, LrflowError
 from flows.outputs import evaluate, metrics_rows, write_run_outputs
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
 from flows.threads import available_cores, kernel_threads
-from lr_kernel import FitResult, fit, fit_loss
+from lr_kernel import FitResult, default_block_size, fit, fit_loss
 from lr_kernel.metrics import HeldOutCost
 from lr_kernel.stepsize import stable_learning_rate
 
@@ -89,6 +89,10 @@ def fit_dataset(
     resume = state_to_resume(path, key, resume=config.resume, run_id=run_id)
     learning_rate = resolve_learning_rate(dataset, config)
     n_threads = config.threads or available_cores()
+    if isinstance(dataset, Dataset) and dataset.X.shape[1] <= default_block_size(
+        dataset.X.shape[0], dataset.X.dtype
+    ):
+        n_threads = 1  # one block of examples: nothing to share between threads
     arguments = dict(
         learning_rate=learning_rate,
         iterations=config.iterations,
@@ -101,7 +105,7 @@ def fit_dataset(
         checkpoint_every=config.checkpoint_every,
         on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
     )
-    with kernel_threads():
+    with kernel_threads(n_threads):
         if isinstance(dataset, Dataset):
             result = fit(dataset.X, dataset.Y, n_threads=n_threads, **arguments)
         else:  # a stream or dask backend's data: the same solvers over its loss

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
-import scipy.optimize
 
 from lr_kernel.loss import FloatArray, FusedLoss, LossFunction
 
@@ -531,11 +530,15 @@ def _lbfgs(
     history.start(*evaluated_at(theta0), *parameters(theta0))
     accepted = [theta0]
 
-    def on_iteration(intermediate_result: scipy.optimize.OptimizeResult) -> None:
+    def on_iteration(intermediate_result: Any) -> None:  # a scipy OptimizeResult
         theta = np.asarray(intermediate_result.x, dtype=np.float64)
         accepted.append(theta.copy())
         history.record(*evaluated_at(theta), *parameters(theta))
         history.checkpoint("lbfgs", *parameters(theta))
+
+    # Imported here: scipy.optimize takes half a second to import, and only
+    # this solver needs it.
+    import scipy.optimize
 
     result = scipy.optimize.minimize(
         objective,
