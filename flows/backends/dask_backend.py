@@ -28,6 +28,7 @@ from flows.backends.pieces import (
     iter_batches,
     kernel_arrays,
     merge_metrics,
+    piece_sums,
     summarize,
 )
 from flows.dataset import InputPlan, LabelMapping, fingerprint
@@ -118,8 +119,8 @@ def _shard_sums(shard: _Shard, w: np.ndarray, b: float) -> tuple[float, np.ndarr
     return shard.loss.partial_sums(w, b)
 
 
-def _shard_metrics(shard: _Shard, w: np.ndarray, b: float) -> tuple[np.ndarray, np.ndarray]:
-    return w.T @ shard.X + b, shard.Y
+def _shard_metrics(shard: _Shard, w: np.ndarray, b: float) -> dict[str, Any]:
+    return piece_sums(w.T @ shard.X + b, shard.Y)
 
 
 @dataclass

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from flows.dataset import InputPlan, LabelMapping, _where, label_mapping
 from flows.errors import DataError
-from lr_kernel.metrics import binary_metrics
 
 # Distinct label values each summary keeps: enough to report a bad label.
 LABEL_VALUES_KEPT = 5
@@ -168,13 +167,72 @@ def iter_batches(
         raise DataError(f"cannot read data ({error})", path=path) from None
 
 
-def merge_metrics(pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+# Over pieces, every metric merges exactly from sums and counts except ROC AUC, a
+# rank statistic: exactly it needs every score in one place (16 bytes per
+# example, more than a stream run's memory budget allows at the sizes that
+# backend exists for). It is computed from per-piece histograms of the scores,
+# AUC_BINS bins over log-odds in [-AUC_RANGE, AUC_RANGE] (clamped beyond): pairs
+# in one bin count one half, so the error is below half the share of
+# positive/negative pairs that share a bin (~1e-5 for spread-out scores).
+AUC_BINS = 1 << 16
+AUC_RANGE = 20.0
+
+
+def piece_sums(Z: np.ndarray, Y: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """What :func:`merge_metrics` needs of one piece: counts, sums and score histograms.
+
+    ``Z`` and ``Y`` are the piece's scores and 0/1 labels, both ``(1, k)``.
+    """
+    Z64 = Z.astype(np.float64, copy=False).ravel()
+    actual = Y.ravel() == 1.0
+    predicted = Z64 >= math.log(threshold) - math.log1p(-threshold)
+    losses = np.maximum(Z64, 0.0) + np.log1p(np.exp(-np.abs(Z64))) - actual * Z64
+    bins = np.clip(
+        ((Z64 + AUC_RANGE) * (AUC_BINS / (2 * AUC_RANGE))).astype(np.int64), 0, AUC_BINS - 1
+    )
+    return {
+        "n": int(Z64.size),
+        "positives": int(np.count_nonzero(actual)),
+        "predicted": int(np.count_nonzero(predicted)),
+        "true_positives": int(np.count_nonzero(predicted & actual)),
+        "correct": int(np.count_nonzero(predicted == actual)),
+        "loss_sum": float(np.sum(losses)),
+        "positive_histogram": np.bincount(bins[actual], minlength=AUC_BINS),
+        "negative_histogram": np.bincount(bins[~actual], minlength=AUC_BINS),
+    }
+
+
+def merge_metrics(pieces: list[dict[str, Any]]) -> dict[str, float]:
     """:func:`lr_kernel.metrics.binary_metrics` of the union of disjoint pieces.
 
-    ``pieces`` are each piece's scores ``Z`` and labels ``Y``, both ``(1, k)``.
-    Ratios and ranks (precision, ROC AUC) do not average across pieces, so the
-    scores are gathered: 16 bytes per example, a small fraction of ``X``.
+    ``pieces`` come from :func:`piece_sums`, in a fixed order. Every metric is
+    exact (to rounding) but ``roc_auc``, which is within a histogram bin's
+    ties of the exact value (see ``AUC_BINS``).
     """
-    Z = np.concatenate([Z for Z, _ in pieces], axis=1)  # (1, m)
-    Y = np.concatenate([Y for _, Y in pieces], axis=1)  # (1, m)
-    return binary_metrics(Z, Y)
+    n = sum(p["n"] for p in pieces)
+    positives = sum(p["positives"] for p in pieces)
+    predicted = sum(p["predicted"] for p in pieces)
+    true_positives = sum(p["true_positives"] for p in pieces)
+    positive_histogram = np.sum([p["positive_histogram"] for p in pieces], axis=0)
+    negative_histogram = np.sum([p["negative_histogram"] for p in pieces], axis=0)
+    negatives = n - positives
+    if positives and negatives:
+        negatives_below = np.cumsum(negative_histogram) - negative_histogram
+        twice_wins = int(
+            np.sum(
+                2 * positive_histogram * negatives_below + positive_histogram * negative_histogram
+            )
+        )
+        auc = twice_wins / (2 * positives * negatives)
+    else:
+        auc = math.nan
+    return {
+        "log_loss": math.fsum(p["loss_sum"] for p in pieces) / n,
+        "accuracy": sum(p["correct"] for p in pieces) / n,
+        "precision": true_positives / predicted if predicted else 0.0,
+        "recall": true_positives / positives if positives else 0.0,
+        "f1": 2 * true_positives / (predicted + positives) if true_positives else 0.0,
+        "roc_auc": auc,
+        "n_examples": float(n),
+        "positive_rate": positives / n,
+    }

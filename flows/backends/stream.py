@@ -31,6 +31,7 @@ from flows.backends.pieces import (
     iter_batches,
     kernel_arrays,
     merge_metrics,
+    piece_sums,
     summarize,
 )
 from flows.dataset import InputPlan, LabelMapping, fingerprint
@@ -81,8 +82,7 @@ class StreamData:
     def train_metrics(self, w: np.ndarray, b: float) -> dict[str, float]:
         """:func:`lr_kernel.metrics.binary_metrics` over the whole cache, chunk by chunk."""
         with self.loss() as source:
-            # Y is a view of a reused read buffer: keep a copy.
-            parts = [(w.T @ X + b, Y.copy()) for X, Y in source.chunks()]
+            parts = [piece_sums(w.T @ X + b, Y) for X, Y in source.chunks()]
         return merge_metrics(parts)
 
     def close(self) -> None:
