@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, FloatArray
+from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, FloatArray, plan_blocks
 from lr_kernel.train import (
     DIVERGENCE_PATIENCE,
     OPTIMIZERS,
@@ -84,29 +84,18 @@ class FusedLossMany:
         block_size: int | None = None,
         n_threads: int = 1,
     ) -> None:
-        n, m = X.shape
-        if X.dtype not in (np.float32, np.float64):
-            raise ValueError(f"X must be float32 or float64, got {X.dtype}")
-        if Y.shape != (1, m):
-            raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
-        if m < 1:
-            raise ValueError("X must have at least one example")
+        n = X.shape[0]
         if n_models < 1:
             raise ValueError(f"n_models must be >= 1, got {n_models}")
-        if n_threads < 1:
-            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-        block = grid_block_size(n, n_models, X.dtype) if block_size is None else int(block_size)
-        if block < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        block = min(block, m)
+        default = (
+            grid_block_size(n, n_models, X.dtype) if X.dtype in (np.float32, np.float64) else 1
+        )
+        block, self.y, self._shares = plan_blocks(
+            X, Y, default if block_size is None else block_size, n_threads
+        )
         self.X = X
-        self.y = np.ascontiguousarray(Y.reshape(m), dtype=X.dtype)  # (m,)
         self.n_models = n_models
         self.block_size = block
-        starts = list(range(0, m, block))
-        n_threads = min(n_threads, len(starts))
-        per_thread = -(-len(starts) // n_threads)
-        self._shares = [starts[k : k + per_thread] for k in range(0, len(starts), per_thread)]
         # Flat buffers: the first K * k elements reshape to a contiguous (K, k),
         # whatever K a call brings.
         self._scratch = [
