@@ -50,16 +50,18 @@ def read_deployments(path: Path) -> list[dict[str, Any]]:
 
 def train_deployment(path: Path, name: str) -> DeploymentSpec:
     """The train deployment ``name`` of ``path``, with its parameters checked by TrainConfig."""
-    entries = {entry.get("name"): entry for entry in read_deployments(path)}
+    # Deployment names are unique per flow (train/nightly, score/nightly): look among
+    # the train flow's.
+    deployments = read_deployments(path)
+    entries = {e.get("name"): e for e in deployments if e.get("entrypoint") == TRAIN_ENTRYPOINT}
     if name not in entries:
         known = ", ".join(sorted(str(n) for n in entries))
-        raise DataError(f"no deployment named {name!r} (found: {known})", path=path)
-    entry = entries[name]
-    if entry.get("entrypoint") != TRAIN_ENTRYPOINT:
+        others = sorted({str(e.get("entrypoint")) for e in deployments if e.get("name") == name})
+        found_elsewhere = f"; {name!r} runs {', '.join(others)}" if others else ""
         raise DataError(
-            f"deployment {name!r} runs {entry.get('entrypoint')!r}, not {TRAIN_ENTRYPOINT}",
-            path=path,
+            f"no train deployment named {name!r} (found: {known}){found_elsewhere}", path=path
         )
+    entry = entries[name]
     parameters = entry.get("parameters") or {}
     try:
         TrainConfig.model_validate(parameters.get("config"))

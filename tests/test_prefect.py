@@ -15,7 +15,7 @@ import yaml
 
 from flows import artifacts
 from flows.artifacts import ProgressThrottle, cost_curve_png, output_link_key, report_markdown
-from flows.config import TrainConfig
+from flows.config import ScoreConfig, TrainConfig
 from flows.errors import DataError
 from flows.serve import train_deployment
 
@@ -137,8 +137,15 @@ def test_serve_reads_the_train_deployment_and_rejects_bad_ones(tmp_path):
     assert spec.concurrency_limit == 1
     assert spec.schedules[0].timezone == "Europe/Berlin"
     TrainConfig.model_validate(spec.parameters["config"])
-    with pytest.raises(DataError, match="no deployment named 'nope'"):
+    with pytest.raises(DataError, match="no train deployment named 'nope'"):
         train_deployment(PREFECT_YAML, "nope")
+    scoring_only = tmp_path / "scoring.yaml"
+    scoring_only.write_text(
+        "deployments:\n  - name: s\n    entrypoint: flows/score.py:score\n"
+        "    parameters: {config: {model: m, data: d, output: o}}\n"
+    )
+    with pytest.raises(DataError, match=r"no train deployment named 's' .*'s' runs flows/score"):
+        train_deployment(scoring_only, "s")
     bad = tmp_path / "prefect.yaml"
     bad.write_text(
         "deployments:\n  - name: x\n    entrypoint: flows/train.py:train\n"
@@ -261,6 +268,14 @@ def test_prefect_deploy_all_creates_the_scheduled_deployment(prefect_api):
             {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
         ]
         TrainConfig.model_validate(deployment.parameters["config"])
+        scoring = client.read_deployment_by_name("score/nightly")
+        assert scoring.global_concurrency_limit.limit == 1
+        [schedule] = scoring.schedules
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == (
+            "30 3 * * *",
+            "Europe/Berlin",
+        )
+        ScoreConfig.model_validate(scoring.parameters["config"])
         # The server checks a run's parameters against the flow's schema (what the UI
         # and `prefect deployment run` go through) before any run is created.
         with pytest.raises(Exception, match="iterations"):
