@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, FloatArray, plan_blocks
+from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, BlockedPass, FloatArray
 from lr_kernel.train import (
     DIVERGENCE_PATIENCE,
     OPTIMIZERS,
@@ -38,7 +38,7 @@ def grid_block_size(n_features: int, n_models: int, dtype: np.dtype[np.floating]
     return int(min(MAX_BLOCK, max(MIN_BLOCK, min(by_x, by_scratch) // 256 * 256)))
 
 
-class FusedLossMany:
+class FusedLossMany(BlockedPass):
     """Costs and gradients of ``K`` models in one cache-blocked pass over ``X``.
 
     :class:`~lr_kernel.FusedLoss` with the weight vector widened to a matrix.
@@ -84,18 +84,17 @@ class FusedLossMany:
         block_size: int | None = None,
         n_threads: int = 1,
     ) -> None:
-        n = X.shape[0]
         if n_models < 1:
             raise ValueError(f"n_models must be >= 1, got {n_models}")
-        default = (
-            grid_block_size(n, n_models, X.dtype) if X.dtype in (np.float32, np.float64) else 1
+        super().__init__(
+            X,
+            Y,
+            block_size,
+            n_threads,
+            lambda n, dtype: grid_block_size(n, n_models, dtype),
         )
-        block, self.y, self._shares = plan_blocks(
-            X, Y, default if block_size is None else block_size, n_threads
-        )
-        self.X = X
         self.n_models = n_models
-        self.block_size = block
+        n, block = self.n_features, self.block_size
         # Flat buffers: the first K * k elements reshape to a contiguous (K, k),
         # whatever K a call brings.
         self._scratch = [
@@ -108,20 +107,6 @@ class FusedLossMany:
             )
             for _ in self._shares
         ]
-        # As in FusedLoss: exp(U) and 1 / (1 + exp(U)) stay finite and normal.
-        self._u_cap = float(np.log(np.finfo(X.dtype).max)) - 10.0
-
-    @property
-    def n_features(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def n_examples(self) -> int:
-        return int(self.X.shape[1])
-
-    @property
-    def dtype(self) -> np.dtype[np.floating]:
-        return self.X.dtype
 
     def __call__(
         self, W: FloatArray, b: FloatArray, l2: FloatArray

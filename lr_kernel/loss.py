@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -92,50 +93,69 @@ def default_block_size(n_features: int, dtype: np.dtype[np.floating]) -> int:
     return int(min(MAX_BLOCK, max(MIN_BLOCK, examples // 256 * 256)))
 
 
-def plan_blocks(
-    X: FloatArray, Y: FloatArray, block_size: int, n_threads: int
-) -> tuple[int, FloatArray, list[list[int]]]:
-    """Check a blocked loss's inputs and split the examples into per-thread runs of blocks.
+class BlockedPass:
+    """What every blocked pass over ``X`` shares: checked inputs, blocks, thread shares.
 
     Parameters
     ----------
     X : ndarray of shape (n_features, n_examples), float32 or float64
     Y : ndarray of shape (1, n_examples)
-    block_size : int
-        Examples per block (capped at ``n_examples``).
+    block_size : int or None
+        Examples per block (capped at ``n_examples``); None: ``default_block(n, dtype)``.
     n_threads : int
         Threads wanted; no more than there are blocks get a share.
+    default_block : callable ``(n_features, dtype) -> int``
 
-    Returns
-    -------
-    block : int
-        Examples per block.
-    y : ndarray of shape (n_examples,), ``X``'s dtype (a view of ``Y`` when possible)
-    shares : list of lists of int
-        Each thread's block starts: a contiguous run, the same at every call, so
-        the partial sums are always added in the same order.
+    Each thread's share is a contiguous run of block starts, the same at every
+    call, so the partial sums are always added in the same order.
     """
-    m = X.shape[1]
-    if X.dtype not in (np.float32, np.float64):
-        raise ValueError(f"X must be float32 or float64, got {X.dtype}")
-    if Y.shape != (1, m):
-        raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
-    if m < 1:
-        raise ValueError("X must have at least one example")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    block = min(int(block_size), m)
-    y = np.ascontiguousarray(Y.reshape(m), dtype=X.dtype)  # (m,)
-    starts = list(range(0, m, block))
-    n_threads = min(n_threads, len(starts))
-    per_thread = -(-len(starts) // n_threads)
-    shares = [starts[k : k + per_thread] for k in range(0, len(starts), per_thread)]
-    return block, y, shares
+
+    def __init__(
+        self,
+        X: FloatArray,
+        Y: FloatArray,
+        block_size: int | None,
+        n_threads: int,
+        default_block: Callable[[int, np.dtype[np.floating]], int],
+    ) -> None:
+        n, m = X.shape
+        if X.dtype not in (np.float32, np.float64):
+            raise ValueError(f"X must be float32 or float64, got {X.dtype}")
+        if Y.shape != (1, m):
+            raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
+        if m < 1:
+            raise ValueError("X must have at least one example")
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        block = default_block(n, X.dtype) if block_size is None else int(block_size)
+        if block < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.X = X
+        self.y = np.ascontiguousarray(Y.reshape(m), dtype=X.dtype)  # (m,), a view when possible
+        self.block_size = min(block, m)
+        starts = list(range(0, m, self.block_size))
+        n_threads = min(n_threads, len(starts))
+        per_thread = -(-len(starts) // n_threads)
+        self._shares = [starts[k : k + per_thread] for k in range(0, len(starts), per_thread)]
+        # exp(U) must stay finite, and so must 1 / (1 + exp(U)) stay a normal
+        # number: cap U ten below log(max float). Capped examples get their
+        # exact loss back through a correction term.
+        self._u_cap = float(np.log(np.finfo(X.dtype).max)) - 10.0
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        return self.X.dtype
 
 
-class FusedLoss:
+class FusedLoss(BlockedPass):
     """Cost and gradients of the log-loss in one cache-blocked pass over ``X``.
 
     For each column block ``Xb`` of ``block_size`` examples, while it is in cache::
@@ -182,34 +202,13 @@ class FusedLoss:
         block_size: int | None = None,
         n_threads: int = 1,
     ) -> None:
-        n = X.shape[0]
-        default = default_block_size(n, X.dtype) if X.dtype in (np.float32, np.float64) else 1
-        block, self.y, self._shares = plan_blocks(
-            X, Y, default if block_size is None else block_size, n_threads
-        )
-        self.X = X
-        self.block_size = block
+        super().__init__(X, Y, block_size, n_threads, default_block_size)
+        block = self.block_size
         self._scratch = [
             (np.empty(block, X.dtype), np.empty(block, X.dtype), np.empty(block, X.dtype))
             for _ in self._shares
         ]
-        self._gemv_out = [np.empty(n, X.dtype) for _ in self._shares]
-        # exp(U) must stay finite, and so must 1 / (1 + exp(U)) stay a normal
-        # number: cap U ten below log(max float). Capped examples get their
-        # exact loss back through the correction term in _sum_blocks.
-        self._u_cap = float(np.log(np.finfo(X.dtype).max)) - 10.0
-
-    @property
-    def n_features(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def n_examples(self) -> int:
-        return int(self.X.shape[1])
-
-    @property
-    def dtype(self) -> np.dtype[np.floating]:
-        return self.X.dtype
+        self._gemv_out = [np.empty(self.n_features, X.dtype) for _ in self._shares]
 
     def __call__(self, w: FloatArray, b: float, l2: float = 0.0) -> tuple[float, FloatArray, float]:
         """Cost and gradients at ``(w, b)``; see :func:`loss_and_gradients`."""

@@ -43,3 +43,17 @@ def small_frame() -> dict:
 @pytest.fixture
 def sample_file(tmp_path, small_frame) -> Path:
     return write_parquet(tmp_path / "in" / "data.parquet", small_frame)
+
+
+def real_binary_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A real scikit-learn dataset made binary: ``(data (m, n), string labels (m,))``.
+
+    ``breast_cancer``: 'benign' / 'malignant'; ``wine``: class 0 against the rest.
+    """
+    from sklearn import datasets
+
+    if name == "breast_cancer":
+        bunch = datasets.load_breast_cancer()
+        return bunch.data, np.asarray(bunch.target_names)[bunch.target]
+    bunch = datasets.load_wine()
+    return bunch.data, np.where(bunch.target == 0, "class_0", "other")

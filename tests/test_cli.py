@@ -11,7 +11,7 @@ import pytest
 
 from flows.cli import main
 from flows.outputs import read_metadata
-from tests.conftest import write_parquet
+from tests.conftest import real_binary_dataset, write_parquet
 
 OUTPUT_FILES = [
     "_SUCCESS",
@@ -81,16 +81,9 @@ def test_train_writes_the_contracted_outputs(prefect_api, sample_file, tmp_path,
 
 
 def _real_dataset(name):
-    from sklearn import datasets
-
-    if name == "breast_cancer":
-        bunch = datasets.load_breast_cancer()
-        label = np.asarray(bunch.target_names)[bunch.target]  # 'benign' / 'malignant'
-    else:
-        bunch = datasets.load_wine()
-        label = np.where(bunch.target == 0, "class_0", "other")
-    names = [f"f{j}" for j in range(bunch.data.shape[1])]
-    columns = {name: bunch.data[:, j] for j, name in enumerate(names)}
+    data, label = real_binary_dataset(name)
+    names = [f"f{j}" for j in range(data.shape[1])]
+    columns = {name: data[:, j] for j, name in enumerate(names)}
     return columns, label
 
 

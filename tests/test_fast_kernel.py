@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 
 from lr_kernel import OPTIMIZERS, FusedLoss, fit, loss_and_gradients, loss_and_gradients_naive
-
-
-def make_problem(n=5, m=200, seed=0, dtype=np.float64, scale=1.0):
-    rng = np.random.default_rng(seed)
-    X = np.ascontiguousarray(rng.normal(size=(n, m)) * scale, dtype=dtype)
-    w_true = rng.normal(size=(n, 1))
-    p = 1 / (1 + np.exp(-(w_true.T @ X + 0.3)))
-    Y = (rng.random((1, m)) < p).astype(dtype)
-    X.flags.writeable = False  # the kernel must never write X
-    return X, Y
+from tests.test_kernel import make_problem
 
 
 @pytest.mark.parametrize("l2", [0.0, 0.7])

@@ -11,7 +11,7 @@ import pytest
 from flows.errors import DataError
 from flows.outputs import params_table, read_metadata, with_metadata, write_table_atomic
 from flows.scoring import load_model, plan_scoring, score_to_parquet
-from tests.conftest import write_parquet
+from tests.conftest import real_binary_dataset, write_parquet
 from tests.test_cli import run_cli
 
 
@@ -130,17 +130,11 @@ def test_cli_fails_before_prefect_on_a_missing_feature(tmp_path, model_dir):
 
 
 def _real_split(name):
-    from sklearn import datasets
     from sklearn.model_selection import train_test_split
 
-    if name == "breast_cancer":
-        bunch = datasets.load_breast_cancer()
-        label = np.asarray(bunch.target_names)[bunch.target]  # 'benign' / 'malignant'
-    else:
-        bunch = datasets.load_wine()
-        label = np.where(bunch.target == 0, "class_0", "other")
+    data, label = real_binary_dataset(name)
     X_train, X_test, y_train, y_test = train_test_split(
-        bunch.data, label, test_size=0.3, random_state=1, stratify=label
+        data, label, test_size=0.3, random_state=1, stratify=label
     )
     return X_train, X_test, y_train, y_test
 
