@@ -1,4 +1,4 @@
-"""Vectorized binary logistic regression on column-stacked data, in NumPy alone.
+"""Vectorized binary logistic regression on column-stacked data, in NumPy (and numba).
 
 Conventions
 -----------
@@ -21,15 +21,20 @@ Conventions
 
 ``LogisticRegressionGD`` (scikit-learn's estimator API, needs ``lrflow[sklearn]``)
 is importable from here but loaded on first use, so that ``import lr_kernel``
-never imports scikit-learn.
+never imports scikit-learn. Likewise numba is imported only by a
+:class:`FusedLoss` that runs the compiled engine (``engine="numba"``, or
+``"auto"`` on large data with several threads).
 """
 
 from typing import Any
 
 from lr_kernel.grid import FusedLossMany, GridFitResult, fit_many, grid_candidates
 from lr_kernel.loss import (
+    ENGINES,
+    Engine,
     FusedLoss,
     LossFunction,
+    compiled_engine_available,
     default_block_size,
     loss_and_gradients,
     loss_and_gradients_naive,
@@ -48,7 +53,9 @@ from lr_kernel.train import (
 )
 
 __all__ = [
+    "ENGINES",
     "OPTIMIZERS",
+    "Engine",
     "FitResult",
     "FusedLoss",
     "FusedLossMany",
@@ -57,6 +64,7 @@ __all__ = [
     "Optimizer",
     "StopReason",
     "TrainState",
+    "compiled_engine_available",
     "default_block_size",
     "fit",
     "fit_loss",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from lr_kernel.loss import FloatArray, FusedLoss, LossFunction
+from lr_kernel.loss import Engine, FloatArray, FusedLoss, LossFunction
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -194,6 +194,7 @@ def fit(
     optimizer: Optimizer = "gd",
     block_size: int | None = None,
     n_threads: int = 1,
+    engine: Engine = "auto",
     resume: TrainState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -233,6 +234,7 @@ def fit(
     optimizer: Optimizer = "gd",
     block_size: int | None = None,
     n_threads: int = 1,
+    engine: Engine = "auto",
     resume: TrainState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -273,7 +275,8 @@ def fit(
         ``"lbfgs"``: ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)``;
         one history row per L-BFGS iteration (each may evaluate the loss more
         than once; the row is the cost at the accepted iterate).
-    block_size, n_threads : see :class:`~lr_kernel.FusedLoss`.
+    block_size, n_threads, engine : see :class:`~lr_kernel.FusedLoss` (``engine``
+        applies to one model; a grid always runs NumPy's blocked GEMMs).
     resume : TrainState, optional
         Go on from this state (a checkpoint) instead of ``(w0, b0)``: its history
         is kept, and ``iterations`` counts the updates of the whole run, so a run
@@ -306,7 +309,7 @@ def fit(
     m = X.shape[1]
     if Y.shape != (1, m):
         raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
-    loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads)
+    loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads, engine=engine)
     return fit_loss(
         loss,
         learning_rate=learning_rate,

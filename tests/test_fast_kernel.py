@@ -9,16 +9,22 @@ import pytest
 from lr_kernel import OPTIMIZERS, FusedLoss, fit, loss_and_gradients, loss_and_gradients_naive
 from tests.test_kernel import make_problem
 
+# Both ways of summing the blocks: NumPy calls, and the compiled loop.
+ENGINES = ["numpy", "numba"]
 
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("l2", [0.0, 0.7])
 @pytest.mark.parametrize(
     ("m", "block_size"),
     [(1, None), (1, 1), (7, 3), (1000, 256), (1000, 1000), (999, 4096), (5000, None)],
 )
-def test_fused_equals_naive_across_block_boundaries(m, block_size, l2):
+def test_fused_equals_naive_across_block_boundaries(m, block_size, l2, engine):
     X, Y = make_problem(n=6, m=m, seed=m)
     w = np.random.default_rng(1).normal(size=(6, 1))
-    cost, dw, db = FusedLoss(X, Y, block_size=block_size)(w, -0.4, l2)
+    loss = FusedLoss(X, Y, block_size=block_size, engine=engine)
+    assert loss.engine == engine
+    cost, dw, db = loss(w, -0.4, l2)
     ref_cost, ref_dw, ref_db = loss_and_gradients_naive(X, Y, w, -0.4, l2)
     assert cost == pytest.approx(ref_cost, rel=1e-12)
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-12, atol=1e-15)
@@ -26,10 +32,11 @@ def test_fused_equals_naive_across_block_boundaries(m, block_size, l2):
     assert dw.shape == (6, 1) and dw.dtype == np.float64
 
 
-def test_fused_float32_equals_naive_in_float64():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fused_float32_equals_naive_in_float64(engine):
     X, Y = make_problem(n=8, m=3001, seed=2, dtype=np.float32)
     w = np.random.default_rng(3).normal(size=(8, 1)).astype(np.float32)
-    cost, dw, db = FusedLoss(X, Y, block_size=1000)(w, 0.2, 1.5)
+    cost, dw, db = FusedLoss(X, Y, block_size=1000, engine=engine)(w, 0.2, 1.5)
     ref_cost, ref_dw, ref_db = loss_and_gradients_naive(
         X.astype(np.float64), Y.astype(np.float64), w.astype(np.float64), 0.2, 1.5
     )
@@ -40,33 +47,36 @@ def test_fused_float32_equals_naive_in_float64():
     assert db == pytest.approx(ref_db, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_extreme_scores_in_blocks_match_the_exact_loss(dtype):
+def test_extreme_scores_in_blocks_match_the_exact_loss(dtype, engine):
     # Scores up to ±5000 cross the exp cap in some blocks and not in others.
     rng = np.random.default_rng(4)
     X = (rng.choice([-1.0, 1.0], size=(2, 50)) * rng.uniform(0, 2500, size=(2, 50))).astype(dtype)
     Y = (rng.random((1, 50)) < 0.5).astype(dtype)
     w = np.ones((2, 1), dtype=dtype)
     with np.errstate(over="raise", divide="raise", invalid="raise"):
-        cost, dw, db = FusedLoss(X, Y, block_size=7)(w, 0.0)
+        cost, dw, db = FusedLoss(X, Y, block_size=7, engine=engine)(w, 0.0)
     Z = (w.T @ X).astype(np.float64).ravel()
     exact = np.mean(np.logaddexp(0.0, Z) - Y.ravel() * Z)
     assert cost == pytest.approx(exact, rel=1e-6 if dtype == np.float32 else 1e-12)
     assert np.all(np.isfinite(dw)) and math.isfinite(db)
 
 
-def test_threads_agree_with_one_thread_and_are_bitwise_reproducible():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_threads_agree_with_one_thread_and_are_bitwise_reproducible(engine):
     X, Y = make_problem(n=4, m=10_001, seed=5)
     w = np.random.default_rng(6).normal(size=(4, 1))
-    one = FusedLoss(X, Y, block_size=1000)(w, 0.3, 0.5)
-    threaded = FusedLoss(X, Y, block_size=1000, n_threads=3)
+    one = FusedLoss(X, Y, block_size=1000, engine=engine)(w, 0.3, 0.5)
+    threaded = FusedLoss(X, Y, block_size=1000, n_threads=3, engine=engine)
     first, second = threaded(w, 0.3, 0.5), threaded(w, 0.3, 0.5)
     assert first[0] == second[0] and first[2] == second[2]
     np.testing.assert_array_equal(first[1], second[1])
     assert first[0] == pytest.approx(one[0], rel=1e-13)
     np.testing.assert_allclose(first[1], one[1], rtol=1e-12)
     fits = [
-        fit(X, Y, learning_rate=1.0, iterations=20, n_threads=2, block_size=1000) for _ in range(2)
+        fit(X, Y, learning_rate=1.0, iterations=20, n_threads=2, block_size=1000, engine=engine)
+        for _ in range(2)
     ]
     np.testing.assert_array_equal(fits[0].w, fits[1].w)
     np.testing.assert_array_equal(fits[0].cost_history, fits[1].cost_history)
@@ -153,14 +163,15 @@ def test_fit_rejects_unknown_optimizer_and_missing_learning_rate():
     assert fit(X, Y, iterations=2, optimizer="lbfgs").n_iterations <= 2
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_iterations_allocate_nothing_of_size_m(optimizer):
+def test_iterations_allocate_nothing_of_size_m(optimizer, engine):
     n, m = 2, 400_000
     X, Y = make_problem(n=n, m=m, seed=8)
-    fit(X, Y, learning_rate=1.0, iterations=2, optimizer=optimizer)  # warm caches
+    fit(X, Y, learning_rate=1.0, iterations=2, optimizer=optimizer, engine=engine)  # warm caches
     tracemalloc.start()
     try:
-        fit(X, Y, learning_rate=1.0, iterations=25, tol=0.0, optimizer=optimizer)
+        fit(X, Y, learning_rate=1.0, iterations=25, tol=0.0, optimizer=optimizer, engine=engine)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
