@@ -23,6 +23,9 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+# Counts the compiled engine's own allocations (section_memory); read when numba loads.
+os.environ.setdefault("NUMBA_NRT_STATS", "1")
+
 from flows.threads import kernel_threads
 from lr_kernel import FusedLoss, fit, loss_and_gradients_naive
 from lr_kernel.reference import loss_and_gradients_double_loop, loss_and_gradients_loop
@@ -60,12 +63,18 @@ def machine_lines() -> list[str]:
 
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int
+    candidates: dict[str, Callable[[], object]], repeats: int, pause_s: float = 0.0
 ) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, round-robin so noise hits all alike."""
+    """Seconds per call of each candidate, round-robin so noise hits all alike.
+
+    ``pause_s`` between calls lets a multi-threaded BLAS's workers, which spin
+    for a while after each call (OpenBLAS: ~0.1 s), go to sleep before the next
+    candidate runs, so one candidate's threads do not steal the next one's core.
+    """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():
+            time.sleep(pause_s)
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -100,20 +109,27 @@ def make_data(
 def section_loops(n: int, m: int, repeats: int) -> list[str]:
     X, Y = make_data(n, m, correlated=False)
     w = np.full((n, 1), 0.01)
-    fused = FusedLoss(X, Y)
-    threaded = FusedLoss(X, Y, n_threads=CORES)
+    fused = FusedLoss(X, Y, engine="numpy")
+    threaded = FusedLoss(X, Y, n_threads=CORES, engine="numpy")
+    compiled = FusedLoss(X, Y, engine="numba")
+    compiled_threaded = FusedLoss(X, Y, n_threads=CORES, engine="numba")
 
-    def ours_one_blas() -> object:
-        with threadpool_limits(1, "blas"):
-            return threaded(w, 0.1)
+    def one_blas(loss: FusedLoss) -> Callable[[], object]:
+        def run() -> object:
+            with threadpool_limits(1, "blas"):
+                return loss(w, 0.1)
+
+        return run
 
     times = interleaved(
         {
             "double loop (reference.py)": lambda: loss_and_gradients_double_loop(X, Y, w, 0.1),
             "per-example loop (reference.py)": lambda: loss_and_gradients_loop(X, Y, w, 0.1),
             "naive vectorized": lambda: loss_and_gradients_naive(X, Y, w, 0.1),
-            "ours, default (1 Python thread)": lambda: fused(w, 0.1),
-            f"ours, n_threads={CORES}, BLAS limited to 1": ours_one_blas,
+            "ours, numpy engine, 1 Python thread": lambda: fused(w, 0.1),
+            f"ours, numpy engine, n_threads={CORES}, BLAS limited to 1": one_blas(threaded),
+            "ours, numba engine, 1 thread": one_blas(compiled),
+            f"ours, numba engine, n_threads={CORES}": one_blas(compiled_threaded),
         },
         repeats,
     )
@@ -150,7 +166,9 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
         f"{repeats} interleaved repeats",
         "",
         "Roofline: the fastest single read of `X` in this run (min over `X.sum()` and "
-        "BLAS `w.T @ X`, best of the repeats). % roofline = roofline time / time.",
+        "BLAS `w.T @ X`, best of the repeats). % roofline = roofline time / time. "
+        "Rows after `X.sum()` ran with BLAS on one thread under `kernel_threads`, as the "
+        "flows run the kernel; the others with BLAS's own threads.",
         "",
         "| dtype | implementation | median | min | % roofline (median / min) |",
         "|---|---|---:|---:|---:|",
@@ -158,29 +176,62 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
     for dtype in (np.float64, np.float32):
         X, Y = make_data(n, m, correlated=False, dtype=dtype)
         w = np.full((n, 1), 0.01, dtype=dtype)
-        fused = FusedLoss(X, Y)
-        threaded = FusedLoss(X, Y, n_threads=os.cpu_count() or 1)
+        fused = FusedLoss(X, Y, engine="numpy")
+        threaded = FusedLoss(X, Y, n_threads=CORES, engine="numpy")
+        compiled = FusedLoss(X, Y, engine="numba")
+        flows = FusedLoss(X, Y, n_threads=CORES)  # engine="auto", as fit() in the flows
+        loop_m = min(m, 200_000)  # the loop is timed on the first loop_m examples, scaled
 
-        def threaded_one_blas(threaded: FusedLoss = threaded, w: np.ndarray = w) -> object:
-            with threadpool_limits(1, "blas"):
-                return threaded(w, 0.1)
+        def as_in_flows(loss: FusedLoss, w: np.ndarray = w) -> Callable[[], object]:
+            def run() -> object:
+                with kernel_threads(CORES):
+                    return loss(w, 0.1)
 
-        def the_flows_setting(threaded: FusedLoss = threaded, w: np.ndarray = w) -> object:
-            with kernel_threads(os.cpu_count() or 1):
-                return threaded(w, 0.1)
+            return run
 
-        candidates: dict[str, Callable[[], object]] = {
-            "read: X.sum()": X.sum,
+        # Two groups, alternated every round: what runs with a multi-threaded
+        # BLAS, then (after a pause that lets BLAS's spinning workers sleep) what
+        # runs with BLAS on one thread, the whole round under kernel_threads as
+        # a flow's fit is: the kernel's threads would otherwise share the cores
+        # with BLAS workers still spinning from the previous candidate.
+        blas_threaded: dict[str, Callable[[], object]] = {
             "read: w.T @ X": lambda X=X, w=w: w.T @ X,
             "naive vectorized": lambda X=X, Y=Y, w=w: loss_and_gradients_naive(X, Y, w, 0.1),
-            "ours, 1 Python thread (default)": lambda fused=fused, w=w: fused(w, 0.1),
-            f"ours, {os.cpu_count()} Python threads, BLAS limited to 1": threaded_one_blas,
-            f"ours, {os.cpu_count()} threads as the flow runs them (kernel_threads)": (
-                the_flows_setting
-            ),
+            "ours, numpy engine, 1 Python thread (BLAS threaded)": lambda f=fused, w=w: f(w, 0.1),
             "scikit-learn LinearModelLoss.loss_gradient": sklearn_loss_gradient(X, Y, 1.0),
         }
-        times = interleaved(candidates, repeats)
+        blas_one: dict[str, Callable[[], object]] = {
+            "read: X.sum()": X.sum,
+            f"ours, numpy engine, {CORES} threads": lambda f=threaded, w=w: f(w, 0.1),
+            "ours, numba engine, 1 thread": lambda f=compiled, w=w: f(w, 0.1),
+            f"ours, engine='auto' ({flows.engine}), {CORES} threads, as the flows run it": (
+                lambda f=flows, w=w: f(w, 0.1)
+            ),
+        }
+        times: dict[str, list[float]] = {name: [] for name in (*blas_threaded, *blas_one)}
+        for _ in range(repeats):
+            for name, seconds in interleaved(blas_threaded, 1).items():
+                times[name] += seconds
+            time.sleep(0.3)
+            with kernel_threads(CORES):
+                for name, seconds in interleaved(blas_one, 1).items():
+                    times[name] += seconds
+        # The per-example loop takes seconds: 3 calls on a prefix, interleaved
+        # with ours on the same prefix, scaled to m (it is linear in m).
+        Xp, Yp = np.ascontiguousarray(X[:, :loop_m]), np.ascontiguousarray(Y[:, :loop_m])
+        prefix = FusedLoss(Xp, Yp, n_threads=CORES)
+        loop_times = interleaved(
+            {
+                "loop": lambda Xp=Xp, Yp=Yp, w=w: loss_and_gradients_loop(Xp, Yp, w, 0.1),
+                "ours": as_in_flows(prefix),
+            },
+            3,
+            pause_s=0.2,
+        )
+        times[f"per-example loop (reference.py; {loop_m:,} examples, x{m / loop_m:g})"] = [
+            t * m / loop_m for t in loop_times["loop"]
+        ]
+        ours = statistics.median(times[next(k for k in times if k.startswith("ours, engine="))])
         roof = min(min(times["read: X.sum()"]), min(times["read: w.T @ X"]))
         for name, values in times.items():
             med, best = statistics.median(values), min(values)
@@ -191,6 +242,13 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
         lines.append(
             f"| {np.dtype(dtype).name} | (roofline: {X.nbytes / 1e6:.0f} MB in {roof * 1e3:.1f} ms "
             f"= {X.nbytes / roof / 1e9:.1f} GB/s) | | | |"
+        )
+        loop = statistics.median(times[next(k for k in times if k.startswith("per-example"))])
+        prefix_ratio = statistics.median(loop_times["loop"]) / statistics.median(loop_times["ours"])
+        lines.append(
+            f"| {np.dtype(dtype).name} | (as the flows run it vs the per-example loop: "
+            f"{loop / ours:,.0f}x at m = {m:,}; {prefix_ratio:,.0f}x on the "
+            f"{loop_m:,}-example prefix) | | | |"
         )
         del X, Y
     return lines
@@ -306,12 +364,26 @@ def section_memory(n: int, m: int) -> list[str]:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     lines.append(f"| naive vectorized, one call | {peak / 1e6:.2f} MB |")
-    for optimizer in ("gd", "nesterov", "lbfgs"):
-        tracemalloc.start()
-        fit(X, Y, learning_rate=1.0, iterations=10, optimizer=optimizer)  # type: ignore[arg-type]
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        lines.append(f"| fit(optimizer='{optimizer}'), 10 iterations | {peak / 1e6:.2f} MB |")
+    from numba.core.runtime import rtsys
+
+    for engine, threads in (("numpy", 1), ("numba", CORES)):
+        for optimizer in ("gd", "nesterov", "lbfgs"):
+            fit(X, Y, learning_rate=1.0, iterations=1, optimizer=optimizer,  # type: ignore[arg-type]
+                n_threads=threads, engine=engine)  # fmt: skip
+            before = rtsys.get_allocation_stats().mi_alloc
+            tracemalloc.start()
+            fit(X, Y, learning_rate=1.0, iterations=10, optimizer=optimizer,  # type: ignore[arg-type]
+                n_threads=threads, engine=engine)  # fmt: skip
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            # The compiled calls allocate only a MemInfo header (no data) per
+            # array argument they receive from Python: 6 per thread and call.
+            headers = rtsys.get_allocation_stats().mi_alloc - before
+            lines.append(
+                f"| fit(optimizer='{optimizer}', engine='{engine}', n_threads={threads}), "
+                f"10 iterations | {peak / 1e6:.2f} MB"
+                + (f" + {headers} MemInfo headers, no data |" if engine == "numba" else " |")
+            )
     return lines
 
 

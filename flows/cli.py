@@ -95,6 +95,13 @@ def train(
     threads: Annotated[
         int | None, typer.Option(help="Kernel threads [default: the available cores].")
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Kernel engine: auto, numpy or numba [auto: the compiled numba loop for "
+            "large in-memory data on 2+ threads]."
+        ),
+    ] = "auto",
     checkpoint_every: Annotated[
         int, typer.Option(help="Save a checkpoint every N iterations (0: never).")
     ] = 1000,
@@ -150,6 +157,7 @@ def train(
         tol=tol,
         optimizer=optimizer,  # type: ignore[arg-type]  # validated by the model
         threads=threads,
+        engine=engine,  # type: ignore[arg-type]  # validated by the model
         checkpoint_every=checkpoint_every,
         resume=resume,
         standardize=standardize,

@@ -5,6 +5,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lr_kernel.loss import compiled_engine_available
+
 DEFAULT_VALIDATION_FRACTION = 0.2
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 L2 = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -46,6 +48,11 @@ class TrainConfig(BaseModel):
     )
     threads: int | None = Field(
         default=None, ge=1, description="Kernel threads (default: the cores this process may use)."
+    )
+    engine: Literal["auto", "numpy", "numba"] = Field(
+        default="auto",
+        description="How the kernel sums its blocks: numpy calls, or one compiled (numba) loop "
+        "per thread; auto: compiled for large in-memory data on 2+ threads.",
     )
     checkpoint_every: int = Field(
         default=1000, ge=0, description="Save a checkpoint every N iterations (0: never)."
@@ -174,6 +181,12 @@ class TrainConfig(BaseModel):
             if len(value) == 1:
                 return value[0]
         return value
+
+    @model_validator(mode="after")
+    def _numba_engine_is_installed(self) -> "TrainConfig":
+        if self.engine == "numba" and not compiled_engine_available():
+            raise ValueError("engine 'numba' needs numba installed (pip install numba)")
+        return self
 
     @model_validator(mode="after")
     def _lbfgs_has_no_learning_rate_grid(self) -> "TrainConfig":

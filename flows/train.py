@@ -107,7 +107,9 @@ def fit_dataset(
     )
     with kernel_threads(n_threads):
         if isinstance(dataset, Dataset):
-            result = fit(dataset.X, dataset.Y, n_threads=n_threads, **arguments)
+            result = fit(
+                dataset.X, dataset.Y, n_threads=n_threads, engine=config.engine, **arguments
+            )
         else:  # a stream or dask backend's data: the same solvers over its loss
             result = fit_loss(dataset.loss(n_threads=n_threads), **arguments)
     if result.stop_reason == "diverged":

@@ -39,7 +39,7 @@ def test_help_lists_the_contracted_flags(capsys):
     for flag in [
         "--data", "--output", "--label", "--features", "--iterations", "--learning-rate",
         "--l2", "--tol", "--no-standardize", "--dtype", "--positive-label", "--optimizer",
-        "--threads",
+        "--threads", "--engine",
     ]:  # fmt: skip
         assert flag in text
 
@@ -122,6 +122,20 @@ def test_parameters_match_scikit_learn_on_real_data(
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 
+def test_both_kernel_engines_train_the_same_model(prefect_api, sample_file, tmp_path, capsys):
+    estimates = {}
+    for engine in ("numpy", "numba"):
+        out = tmp_path / engine
+        status = run_cli(
+            "train", "--data", sample_file, "--output", out, "--iterations", "300",
+            "--threads", "2", "--engine", engine,
+        )  # fmt: skip
+        assert status == 0, capsys.readouterr().err
+        assert read_metadata(out / "params.parquet")["config"]["engine"] == engine
+        estimates[engine] = pl.read_parquet(out / "params.parquet")["estimate"].to_numpy()
+    np.testing.assert_allclose(estimates["numba"], estimates["numpy"], rtol=1e-9, atol=1e-12)
+
+
 def _snapshot(directory: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
@@ -138,6 +152,7 @@ def _snapshot(directory: Path) -> dict:
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--dtype", "float16"], "dtype"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--optimizer", "adam"], "optimizer"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--threads", "0"], "threads"),
+        ({"x": [1.0, 2.0], "label": [0, 1]}, ["--engine", "cuda"], "engine"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--iterations", "many"], "--iterations"),
     ],
 )
