@@ -84,6 +84,30 @@ def interleaved(
 CORES = os.cpu_count() or 1
 
 
+def alternated(
+    blas_threaded: dict[str, Callable[[], object]],
+    blas_one: dict[str, Callable[[], object]],
+    repeats: int,
+) -> dict[str, list[float]]:
+    """Two interleaved groups, alternated every round.
+
+    First what runs over a multi-threaded BLAS; then, after a pause that lets
+    BLAS's spinning workers sleep, what runs with BLAS on one thread, the whole
+    round under ``kernel_threads`` as a flow's fit is (entering threadpoolctl's
+    limits costs ~1-3 ms, so not once per call). Otherwise the kernel's threads
+    share the cores with BLAS workers still spinning from the previous candidate.
+    """
+    times: dict[str, list[float]] = {name: [] for name in (*blas_threaded, *blas_one)}
+    for _ in range(repeats):
+        for name, seconds in interleaved(blas_threaded, 1).items():
+            times[name] += seconds
+        time.sleep(0.3)
+        with kernel_threads(CORES):
+            for name, seconds in interleaved(blas_one, 1).items():
+                times[name] += seconds
+    return times
+
+
 class _OutOfTime(Exception):
     """Raised from a fit callback to stop a solver that exceeds its time budget."""
 
@@ -114,25 +138,18 @@ def section_loops(n: int, m: int, repeats: int) -> list[str]:
     compiled = FusedLoss(X, Y, engine="numba")
     compiled_threaded = FusedLoss(X, Y, n_threads=CORES, engine="numba")
 
-    def one_blas(loss: FusedLoss) -> Callable[[], object]:
-        def run() -> object:
-            with threadpool_limits(1, "blas"):
-                return loss(w, 0.1)
-
-        return run
-
-    times = interleaved(
-        {
-            "double loop (reference.py)": lambda: loss_and_gradients_double_loop(X, Y, w, 0.1),
-            "per-example loop (reference.py)": lambda: loss_and_gradients_loop(X, Y, w, 0.1),
-            "naive vectorized": lambda: loss_and_gradients_naive(X, Y, w, 0.1),
-            "ours, numpy engine, 1 Python thread": lambda: fused(w, 0.1),
-            f"ours, numpy engine, n_threads={CORES}, BLAS limited to 1": one_blas(threaded),
-            "ours, numba engine, 1 thread": one_blas(compiled),
-            f"ours, numba engine, n_threads={CORES}": one_blas(compiled_threaded),
-        },
-        repeats,
-    )
+    blas_threaded: dict[str, Callable[[], object]] = {
+        "double loop (reference.py)": lambda: loss_and_gradients_double_loop(X, Y, w, 0.1),
+        "per-example loop (reference.py)": lambda: loss_and_gradients_loop(X, Y, w, 0.1),
+        "naive vectorized": lambda: loss_and_gradients_naive(X, Y, w, 0.1),
+        "ours, numpy engine, 1 Python thread": lambda: fused(w, 0.1),
+    }
+    blas_one: dict[str, Callable[[], object]] = {
+        f"ours, numpy engine, n_threads={CORES}": lambda: threaded(w, 0.1),
+        "ours, numba engine, 1 thread": lambda: compiled(w, 0.1),
+        f"ours, numba engine, n_threads={CORES}": lambda: compiled_threaded(w, 0.1),
+    }
+    times = alternated(blas_threaded, blas_one, repeats)
     loop = statistics.median(times["per-example loop (reference.py)"])
     lines = [
         f"### Loops vs vectorized: one loss+gradient, n = {n}, m = {m:,}, float64, "
@@ -167,8 +184,8 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
         "",
         "Roofline: the fastest single read of `X` in this run (min over `X.sum()` and "
         "BLAS `w.T @ X`, best of the repeats). % roofline = roofline time / time. "
-        "Rows after `X.sum()` ran with BLAS on one thread under `kernel_threads`, as the "
-        "flows run the kernel; the others with BLAS's own threads.",
+        "Rows from `X.sum()` on ran with BLAS on one thread under `kernel_threads`, as the "
+        "flows run the kernel; the rows above it with BLAS's own threads.",
         "",
         "| dtype | implementation | median | min | % roofline (median / min) |",
         "|---|---|---:|---:|---:|",
@@ -182,18 +199,6 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
         flows = FusedLoss(X, Y, n_threads=CORES)  # engine="auto", as fit() in the flows
         loop_m = min(m, 200_000)  # the loop is timed on the first loop_m examples, scaled
 
-        def as_in_flows(loss: FusedLoss, w: np.ndarray = w) -> Callable[[], object]:
-            def run() -> object:
-                with kernel_threads(CORES):
-                    return loss(w, 0.1)
-
-            return run
-
-        # Two groups, alternated every round: what runs with a multi-threaded
-        # BLAS, then (after a pause that lets BLAS's spinning workers sleep) what
-        # runs with BLAS on one thread, the whole round under kernel_threads as
-        # a flow's fit is: the kernel's threads would otherwise share the cores
-        # with BLAS workers still spinning from the previous candidate.
         blas_threaded: dict[str, Callable[[], object]] = {
             "read: w.T @ X": lambda X=X, w=w: w.T @ X,
             "naive vectorized": lambda X=X, Y=Y, w=w: loss_and_gradients_naive(X, Y, w, 0.1),
@@ -208,26 +213,19 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
                 lambda f=flows, w=w: f(w, 0.1)
             ),
         }
-        times: dict[str, list[float]] = {name: [] for name in (*blas_threaded, *blas_one)}
-        for _ in range(repeats):
-            for name, seconds in interleaved(blas_threaded, 1).items():
-                times[name] += seconds
-            time.sleep(0.3)
-            with kernel_threads(CORES):
-                for name, seconds in interleaved(blas_one, 1).items():
-                    times[name] += seconds
+        times = alternated(blas_threaded, blas_one, repeats)
         # The per-example loop takes seconds: 3 calls on a prefix, interleaved
         # with ours on the same prefix, scaled to m (it is linear in m).
         Xp, Yp = np.ascontiguousarray(X[:, :loop_m]), np.ascontiguousarray(Y[:, :loop_m])
         prefix = FusedLoss(Xp, Yp, n_threads=CORES)
-        loop_times = interleaved(
-            {
-                "loop": lambda Xp=Xp, Yp=Yp, w=w: loss_and_gradients_loop(Xp, Yp, w, 0.1),
-                "ours": as_in_flows(prefix),
-            },
-            3,
-            pause_s=0.2,
-        )
+        with kernel_threads(CORES):
+            loop_times = interleaved(
+                {
+                    "loop": lambda Xp=Xp, Yp=Yp, w=w: loss_and_gradients_loop(Xp, Yp, w, 0.1),
+                    "ours": lambda f=prefix, w=w: f(w, 0.1),
+                },
+                3,
+            )
         times[f"per-example loop (reference.py; {loop_m:,} examples, x{m / loop_m:g})"] = [
             t * m / loop_m for t in loop_times["loop"]
         ]
