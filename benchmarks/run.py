@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # full run (minutes); paste into RESULTS.md
     python benchmarks/run.py --quick    # smaller sizes, under two minutes
+    python benchmarks/run.py --sections roofline --repeats 31
 
 Competitors are timed interleaved (round-robin) in one process on the same
 data and repeated; tables give medians (and minimums where the noise of a
@@ -388,6 +389,12 @@ def section_memory(n: int, m: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    parser.add_argument(
+        "--sections",
+        default="loops,roofline,time-to-loss,memory",
+        help="comma-separated subset of loops,roofline,time-to-loss,memory",
+    )
+    parser.add_argument("--repeats", type=int, help="repeats of the roofline section")
     args = parser.parse_args()
     if args.quick:
         sizes = {"loops": (100, 2000, 3), "roof": (100, 200_000, 7), "ttl": (50, 50_000, 5000, 8)}
@@ -397,16 +404,22 @@ def main() -> None:
             "roof": (100, 1_000_000, 15),
             "ttl": (100, 200_000, 100_000, 60),
         }
+    if args.repeats:
+        sizes["roof"] = (*sizes["roof"][:2], args.repeats)
     out = ["## lr_kernel benchmarks" + (" (--quick)" if args.quick else ""), "", *machine_lines()]
     print("\n".join(out), flush=True)
-    sections = [
-        lambda: section_loops(*sizes["loops"]),
-        lambda: section_roofline(*sizes["roof"]),
-        lambda: section_time_to_loss(*sizes["ttl"][:2], 1.0, *sizes["ttl"][2:]),
-        lambda: section_memory(100, sizes["roof"][1]),
-    ]
-    for section in sections:
-        text = "\n".join(["", *section()])
+    sections: dict[str, Callable[[], list[str]]] = {
+        "loops": lambda: section_loops(*sizes["loops"]),
+        "roofline": lambda: section_roofline(*sizes["roof"]),
+        "time-to-loss": lambda: section_time_to_loss(*sizes["ttl"][:2], 1.0, *sizes["ttl"][2:]),
+        "memory": lambda: section_memory(100, sizes["roof"][1]),
+    }
+    wanted = args.sections.split(",")
+    unknown = sorted(set(wanted) - set(sections))
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(unknown)}")
+    for name in wanted:
+        text = "\n".join(["", *sections[name]()])
         print(text, flush=True)
     print(f"\n- load average at the end: {os.getloadavg()[0]:.2f} (1 min)")
 
