@@ -48,6 +48,7 @@ def machine_lines() -> list[str]:
         if i.get("user_api") == "blas"
     ]
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    import numba
     import scipy
     import sklearn
 
@@ -55,7 +56,7 @@ def machine_lines() -> list[str]:
         f"- date: {datetime.date.today().isoformat()}",
         f"- CPU: {model}, {os.cpu_count()} logical cores",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, "
-        f"scikit-learn {sklearn.__version__}",
+        f"scikit-learn {sklearn.__version__}, numba {numba.__version__}",
         f"- BLAS (threadpoolctl): {'; '.join(blas)}",
         f"- load average at the start: {os.getloadavg()[0]:.2f} (1 min; the machine is shared)",
         f"- OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: {env['OPENBLAS_CORETYPE']} / "
