@@ -36,9 +36,10 @@ def loss_and_gradients_loop(
     J = 0.0
     dw = np.zeros((n, 1))
     db = 0.0
+    w_t = np.asarray(w.T, dtype=np.float64)  # (1, n), float64 sums whatever X's dtype
     for i in range(m):
-        x_i = X[:, i : i + 1].astype(np.float64)  # (n, 1)
-        z_i = (w.T.astype(np.float64) @ x_i).item() + b
+        x_i = np.asarray(X[:, i : i + 1], dtype=np.float64)  # (n, 1), a view for float64
+        z_i = (w_t @ x_i).item() + b
         a_i = _sigmoid(z_i)
         J += _log_loss(z_i, float(Y[0, i]))
         dz_i = a_i - float(Y[0, i])
