@@ -30,6 +30,7 @@ from flows.outputs import evaluate, metrics_rows, write_run_outputs
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
 from flows.threads import available_cores, kernel_threads
 from lr_kernel import FitResult, default_block_size, fit, fit_loss
+from lr_kernel.loss import resolve_engine
 from lr_kernel.metrics import HeldOutCost
 from lr_kernel.stepsize import stable_learning_rate
 
@@ -88,11 +89,7 @@ def fit_dataset(
     key = checkpoint_key(dataset, config)
     resume = state_to_resume(path, key, resume=config.resume, run_id=run_id)
     learning_rate = resolve_learning_rate(dataset, config)
-    n_threads = config.threads or available_cores()
-    if isinstance(dataset, Dataset) and dataset.X.shape[1] <= default_block_size(
-        dataset.X.shape[0], dataset.X.dtype
-    ):
-        n_threads = 1  # one block of examples: nothing to share between threads
+    n_threads, _ = kernel_setting(dataset, config)
     arguments = dict(
         learning_rate=learning_rate,
         iterations=config.iterations,
@@ -124,6 +121,17 @@ def fit_dataset(
             f"learning rate {learning_rate:g} is too large for this data; {hint}"
         )
     return result
+
+
+def kernel_setting(dataset: Dataset, config: TrainConfig) -> tuple[int, str]:
+    """The kernel's threads and the engine they will run (``engine="auto"`` resolved)."""
+    n_threads = config.threads or available_cores()
+    if not isinstance(dataset, Dataset):
+        return n_threads, "numpy"  # per chunk or shard; see the backend
+    n, m = dataset.X.shape
+    if m <= default_block_size(n, dataset.X.dtype):
+        n_threads = 1  # one block of examples: nothing to share between threads
+    return n_threads, resolve_engine(config.engine, dataset.X, n_threads)
 
 
 def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
@@ -203,6 +211,9 @@ def load_data(config: TrainConfig) -> Dataset:
 )
 def fit_model(dataset: Dataset, config: TrainConfig) -> tuple[FitResult, np.ndarray | None]:
     run_id = str(flow_run.id) if flow_run.id else None
+    if isinstance(dataset, Dataset):
+        n_threads, engine = kernel_setting(dataset, config)
+        get_run_logger().info("kernel: %s engine, %d thread(s)", engine, n_threads)
     with training_progress(config.iterations) as on_update:
         return fit_with_validation_cost(dataset, config, run_id=run_id, callback=on_update)
 
