@@ -27,6 +27,7 @@ compiled on first use and cached on disk (``cache=True``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba as nb
@@ -43,6 +44,12 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e00
 _LN2 = 0.6931471805599453
 _SQRT2 = 1.4142135623730951
+# Taylor series of exp(r), highest degree first: to degree 13, the truncation
+# is below 1e-17 relative for |r| <= ln(2) / 2.
+_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
+# atanh(s) / s = Σ s^2j / (2j + 1), highest first: 12 terms, below 1e-17 relative
+# for |s| <= 0.172.
+_ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(11, -1, -1))
 # Adding 1.5 * 2**52 rounds a double of magnitude < 2**51 to an integer, which
 # then sits in the low bits of the sum's representation.
 _ROUND = 6755399441055744.0
@@ -69,27 +76,22 @@ def _bits_of_float(typingctx: Any, x: Any) -> Any:
 
 
 @nb.njit(inline="always", error_model="numpy", cache=True)
+def _horner(coefficients: tuple[float, ...], x: float) -> float:
+    """The polynomial with these coefficients (highest degree first) at ``x``."""
+    p = 0.0
+    for c in coefficients:  # a constant tuple: unrolled by the compiler
+        p = p * x + c
+    return p
+
+
+@nb.njit(inline="always", error_model="numpy", cache=True)
 def _exp_nonpositive(x: float) -> float:
     """``exp(x)`` for ``x <= 0``, within 1 ulp; 0.0 below ``_EXP_MIN`` (and for -inf, NaN)."""
     xc = x if x > _EXP_MIN else _EXP_MIN
     t = xc * _INV_LN2 + _ROUND
     kf = t - _ROUND  # round(x / ln 2), in [-1022, 0]
     r = (xc - kf * _LN2_HI) - kf * _LN2_LO  # |r| <= ln(2) / 2
-    # Taylor series of exp(r) to degree 13: truncation below 1e-17 relative.
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
+    p = _horner(_EXP_TAYLOR, r)
     # (mypy reads numba's intrinsics as taking the typing context too.)
     k: int = _bits_of_float(t) - _bits_of_float(_ROUND)  # type: ignore[call-arg]
     scale = _float_from_bits((k + 1023) << 52)  # 2**k, a normal number
@@ -104,20 +106,7 @@ def _log1p_unit(e: float) -> float:
     big = v > _SQRT2
     f = v * 0.5 if big else v  # v = 2**big * f, f in [0.70, 1.42)
     s = (f - 1.0) / (f + 1.0)  # |s| <= 0.172
-    s2 = s * s
-    # log f = 2 atanh(s) = 2 s Σ s^2j / (2j + 1): 12 terms, below 1e-17 relative.
-    q = 1.0 / 23.0
-    q = q * s2 + 1.0 / 21.0
-    q = q * s2 + 1.0 / 19.0
-    q = q * s2 + 1.0 / 17.0
-    q = q * s2 + 1.0 / 15.0
-    q = q * s2 + 1.0 / 13.0
-    q = q * s2 + 1.0 / 11.0
-    q = q * s2 + 1.0 / 9.0
-    q = q * s2 + 1.0 / 7.0
-    q = q * s2 + 1.0 / 5.0
-    q = q * s2 + 1.0 / 3.0
-    q = q * s2 + 1.0
+    q = _horner(_ATANH_SERIES, s * s)  # log f = 2 atanh(s) = 2 s q
     return (_LN2 if big else 0.0) + 2.0 * s * q + correction
 
 
