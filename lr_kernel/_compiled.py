@@ -31,7 +31,6 @@ import math
 from typing import Any
 
 import numba as nb
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -250,19 +249,6 @@ def share_sums(
     return loss_sum, db_sum
 
 
-@nb.njit(cache=True)
-def exp_nonpositive(x: Any) -> Any:
-    """:func:`_exp_nonpositive` over a 1-D float64 array (for tests)."""
-    out = np.empty_like(x)
-    for j in range(x.shape[0]):
-        out[j] = _exp_nonpositive(x[j])
-    return out
-
-
-@nb.njit(cache=True)
-def log1p_unit(e: Any) -> Any:
-    """:func:`_log1p_unit` over a 1-D float64 array (for tests)."""
-    out = np.empty_like(e)
-    for j in range(e.shape[0]):
-        out[j] = _log1p_unit(e[j])
-    return out
+# The scalar functions above as ufuncs over float64 arrays, for tests.
+exp_nonpositive = nb.vectorize(["float64(float64)"], cache=True)(_exp_nonpositive.py_func)
+log1p_unit = nb.vectorize(["float64(float64)"], cache=True)(_log1p_unit.py_func)
