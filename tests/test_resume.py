@@ -14,10 +14,14 @@ def problem(seed=0, n=6, m=3000):
     return X, Y
 
 
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
 @pytest.mark.parametrize("optimizer", ["gd", "nesterov"])
-def test_a_resumed_run_is_bitwise_the_uninterrupted_run(optimizer):
+def test_a_resumed_run_is_bitwise_the_uninterrupted_run(optimizer, engine):
     X, Y = problem()
-    kwargs = dict(learning_rate=0.7, iterations=120, l2=0.5, optimizer=optimizer, n_threads=2)
+    kwargs = dict(
+        learning_rate=0.7, iterations=120, l2=0.5, optimizer=optimizer, n_threads=2,
+        block_size=512, engine=engine,
+    )  # fmt: skip
     whole = fit(X, Y, **kwargs)
     states: list[TrainState] = []
     fit(X, Y, **{**kwargs, "iterations": 50}, checkpoint_every=25, on_checkpoint=states.append)
