@@ -254,6 +254,47 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
     return lines
 
 
+def section_loop_ratio(features: tuple[int, ...], m: int, loop_m: int, repeats: int) -> list[str]:
+    """Speed-up over the per-example loop as the number of features varies.
+
+    The loop costs about the same per example whatever ``n`` (Python overhead
+    dominates); the kernel costs ``8 n`` bytes of memory traffic per example.
+    Their ratio therefore falls as ``n`` grows: this table shows where it crosses 300x.
+    """
+    lines = [
+        f"### Speed-up over the per-example loop by number of features, m = {m:,}, float64",
+        "",
+        f"Ours: `FusedLoss` as the flows run it (engine='auto', {CORES} threads, "
+        f"`kernel_threads`), median of {repeats}. The loop: `reference.py`, right after, "
+        f"median of 3 calls on the first {loop_m:,} examples, scaled to m (it is linear "
+        "in m).",
+        "",
+        "| n | X | loop per example | ours per iteration | ours' read rate | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    rng = np.random.default_rng(3)
+    for n in features:
+        X = rng.standard_normal((n, m))
+        Y = (rng.random((1, m)) < 0.5).astype(np.float64)
+        w = np.full((n, 1), 0.01)
+        ours = FusedLoss(X, Y, n_threads=CORES)
+        Xp, Yp = np.ascontiguousarray(X[:, :loop_m]), np.ascontiguousarray(Y[:, :loop_m])
+        with kernel_threads(CORES):
+            ours_times = interleaved({"ours": lambda f=ours, w=w: f(w, 0.1)}, repeats)["ours"]
+            loop_times = interleaved(
+                {"loop": lambda Xp=Xp, Yp=Yp, w=w: loss_and_gradients_loop(Xp, Yp, w, 0.1)}, 3
+            )["loop"]
+        per_example = statistics.median(loop_times) / loop_m
+        t = statistics.median(ours_times)
+        lines.append(
+            f"| {n} | {X.nbytes / 1e6:,.0f} MB | {per_example * 1e6:.2f} µs | "
+            f"{t * 1e3:.1f} ms ({ours.engine}) | {X.nbytes / t / 1e9:.1f} GB/s | "
+            f"{per_example * m / t:,.0f}x |"
+        )
+        del X, Y, Xp, Yp, ours
+    return lines
+
+
 def lipschitz_step(X: np.ndarray) -> float:
     """1/L for the mean log-loss, L = λmax([X; 1][X; 1]ᵀ / m) / 4 (intercept included)."""
     n, m = X.shape
@@ -392,17 +433,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     parser.add_argument(
         "--sections",
-        default="loops,roofline,time-to-loss,memory",
-        help="comma-separated subset of loops,roofline,time-to-loss,memory",
+        default="loops,roofline,loop-ratio,time-to-loss,memory",
+        help="comma-separated subset of loops,roofline,loop-ratio,time-to-loss,memory",
     )
     parser.add_argument("--repeats", type=int, help="repeats of the roofline section")
     args = parser.parse_args()
     if args.quick:
-        sizes = {"loops": (100, 2000, 3), "roof": (100, 200_000, 7), "ttl": (50, 50_000, 5000, 8)}
+        sizes = {
+            "loops": (100, 2000, 3),
+            "roof": (100, 200_000, 7),
+            "ratio": ((10, 100), 200_000, 20_000, 5),
+            "ttl": (50, 50_000, 5000, 8),
+        }
     else:
         sizes = {
             "loops": (100, 5000, 5),
             "roof": (100, 1_000_000, 15),
+            "ratio": ((10, 25, 50, 100), 1_000_000, 100_000, 9),
             "ttl": (100, 200_000, 100_000, 60),
         }
     if args.repeats:
@@ -412,6 +459,7 @@ def main() -> None:
     sections: dict[str, Callable[[], list[str]]] = {
         "loops": lambda: section_loops(*sizes["loops"]),
         "roofline": lambda: section_roofline(*sizes["roof"]),
+        "loop-ratio": lambda: section_loop_ratio(*sizes["ratio"]),
         "time-to-loss": lambda: section_time_to_loss(*sizes["ttl"][:2], 1.0, *sizes["ttl"][2:]),
         "memory": lambda: section_memory(100, sizes["roof"][1]),
     }
