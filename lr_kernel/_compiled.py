@@ -3,11 +3,11 @@
 :class:`lr_kernel.FusedLoss` makes ~15 NumPy calls per column block, each
 holding the GIL to start, so its threads serialize and its blocks must be large
 (8 MiB, from the last-level cache) to amortize the calls. Here one call per
-thread walks all of that thread's blocks without the GIL, so blocks can be
-small enough to stay in a core's L2 cache between the two passes over them, and
-two threads overlap one's arithmetic with the other's memory reads. At 1M x 100
-float64 on 2 cores that is the difference between ~43 ms and ~33 ms per
-iteration against a ~26 ms read of ``X`` (``benchmarks/RESULTS.md``).
+thread walks all of that thread's blocks without the GIL, so the threads never
+wait for each other and blocks can be small enough to stay in a core's L2
+cache between the two passes over them. At 1M x 100 float64 on 2 cores that is
+29-36 ms per iteration against 43-61 ms, and 82-88% of the median time of one
+read of ``X`` (``benchmarks/RESULTS.md``).
 
 Per block of examples ``[s, e)``, with ``U = -Z``::
 
@@ -17,8 +17,8 @@ Per block of examples ``[s, e)``, with ``U = -Z``::
     dw += Xb dZᵀ, db += Σ dZ           8 rows per sweep, Xb still in L2
 
 ``exp`` and ``log1p`` are written out here (range reduction and a polynomial,
-within 1 and 3 ulp of libm's over the whole range used) because LLVM vectorizes them
-only when no library call is left in the loop; with libm's scalar calls the
+within 1 and 3 ulp of libm's over the whole range used) because LLVM vectorizes
+the loop only when no library call is left in it; with libm's scalar calls the
 element-wise step alone costs more than reading ``X``.
 
 Importing this module imports numba and defines the kernels; each dtype is
