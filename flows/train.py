@@ -124,10 +124,14 @@ def fit_dataset(
 
 
 def kernel_setting(dataset: Dataset, config: TrainConfig) -> tuple[int, str]:
-    """The kernel's threads and the engine they will run (``engine="auto"`` resolved)."""
+    """The kernel's threads and, for in-memory data, the engine (``"auto"`` resolved).
+
+    The stream and Dask backends build one loss per chunk or shard, each with
+    ``engine="auto"``; for them the engine returned is just ``"auto"``.
+    """
     n_threads = config.threads or available_cores()
     if not isinstance(dataset, Dataset):
-        return n_threads, "numpy"  # per chunk or shard; see the backend
+        return n_threads, "auto"
     n, m = dataset.X.shape
     if m <= default_block_size(n, dataset.X.dtype):
         n_threads = 1  # one block of examples: nothing to share between threads
