@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -135,21 +134,7 @@ class FusedLossMany(BlockedPass):
             raise ValueError(f"W must have shape ({n}, K <= {self.n_models}), got {W.shape}")
         neg_WT = np.ascontiguousarray(-W.T, dtype=self.dtype)  # (K, n)
         b_column = np.asarray(b, dtype=self.dtype).reshape(K, 1)  # (K, 1)
-        partials: list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]]
-        partials = [(np.zeros(0), np.zeros(0), np.zeros(0))] * len(self._shares)
-
-        def run(k: int) -> None:
-            partials[k] = self._sum_blocks(k, neg_WT, b_column)
-
-        if len(self._shares) == 1:
-            run(0)
-        else:
-            workers = [threading.Thread(target=run, args=(k,)) for k in range(1, len(self._shares))]
-            for worker in workers:
-                worker.start()
-            run(0)
-            for worker in workers:
-                worker.join()
+        partials = self._map_shares(lambda k: self._sum_blocks(k, neg_WT, b_column))
         # Summed in share order whatever the threads' timing: reproducible bits.
         loss_sum, dW_sum, db_sum = (p.copy() for p in partials[0])
         for p in partials[1:]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import threading
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 FloatArray = NDArray[np.floating]
+T = TypeVar("T")
 
 # Bytes of X in one column block. The block is read from memory once by the
 # forward GEMV and again, from cache, by the gradient GEMV: it must fit the
@@ -188,6 +189,33 @@ class BlockedPass:
         # number: cap U ten below log(max float). Capped examples get their
         # exact loss back through a correction term.
         self._u_cap = float(np.log(np.finfo(X.dtype).max)) - 10.0
+        self._pool: ThreadPoolExecutor | None = None  # started on the first threaded call
+
+    def _map_shares(self, run: Callable[[int], T]) -> list[T]:
+        """``run(k)`` for every share ``k``, in share order.
+
+        Share 0 runs on the caller's thread, the others on this pass's own
+        threads, kept from call to call (starting threads each call costs
+        ~0.1 ms apiece). A worker's exception is raised here, after every share
+        has finished: none is still writing its scratch when this returns.
+        """
+        if len(self._shares) == 1:
+            return [run(0)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=len(self._shares) - 1, thread_name_prefix="lr_kernel"
+            )
+        futures = [self._pool.submit(run, k) for k in range(1, len(self._shares))]
+        try:
+            first = run(0)
+        finally:
+            wait(futures)
+        return [first, *(future.result() for future in futures)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pool"] = None  # threads do not travel; a copy starts its own
+        return state
 
     @property
     def n_features(self) -> int:
@@ -304,22 +332,7 @@ class FusedLoss(BlockedPass):
         the totals into the cost and gradients.
         """
         neg_w = np.negative(w.reshape(-1), dtype=self.dtype)  # (n,), so the GEMV gives -Z
-        partials: list[tuple[float, NDArray[np.float64], float]] = [(0.0, np.zeros(0), 0.0)] * len(
-            self._shares
-        )
-
-        def run(k: int) -> None:
-            partials[k] = self._sum_blocks(k, neg_w, float(b))
-
-        if len(self._shares) == 1:
-            run(0)
-        else:
-            workers = [threading.Thread(target=run, args=(k,)) for k in range(1, len(self._shares))]
-            for worker in workers:
-                worker.start()
-            run(0)
-            for worker in workers:
-                worker.join()
+        partials = self._map_shares(lambda k: self._sum_blocks(k, neg_w, float(b)))
         # Summed in share order whatever the threads' timing: reproducible bits.
         loss_sum = math.fsum(p[0] for p in partials)
         dw_sum = partials[0][1].copy()

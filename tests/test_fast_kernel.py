@@ -1,6 +1,7 @@
 """The fused blocked kernel against the naive formula, and the solvers built on it."""
 
 import math
+import pickle
 import tracemalloc
 
 import numpy as np
@@ -178,3 +179,34 @@ def test_iterations_allocate_nothing_of_size_m(optimizer, engine):
     # Scratch is three vectors of one block (32768 examples here): O(block).
     # One (1, m) temporary alone would be m * 8 = 3.2 MB; the naive formula makes five.
     assert peak < m * X.itemsize / 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_worker_threads_error_is_raised_to_the_caller(engine, monkeypatch):
+    X, Y = make_problem(n=3, m=4_000, seed=9)
+    loss = FusedLoss(X, Y, block_size=500, n_threads=4, engine=engine)
+    w = np.zeros((3, 1))
+    expected = loss(w, 0.0)
+    original = loss._sum_blocks
+
+    def failing(share, *args):
+        if share == 2:
+            raise MemoryError("share 2 failed")
+        return original(share, *args)
+
+    monkeypatch.setattr(loss, "_sum_blocks", failing)
+    with pytest.raises(MemoryError, match="share 2 failed"):
+        loss(w, 0.0)
+    monkeypatch.undo()
+    assert loss(w, 0.0)[0] == expected[0]  # the threads are still there and well
+
+
+def test_a_threaded_loss_pickles_and_its_copy_gives_the_same_bits():
+    X, Y = make_problem(n=3, m=4_000, seed=10)
+    loss = FusedLoss(X, Y, block_size=500, n_threads=3)
+    w = np.full((3, 1), 0.2)
+    before = loss(w, 0.1)  # starts its threads
+    copy = pickle.loads(pickle.dumps(loss))
+    after = copy(w, 0.1)
+    assert after[0] == before[0] and after[2] == before[2]
+    np.testing.assert_array_equal(after[1], before[1])
