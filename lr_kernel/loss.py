@@ -30,7 +30,7 @@ ENGINES: tuple[Engine, ...] = ("auto", "numpy", "numba")
 # cache (1 MiB here) between the forward and the backward sweep.
 COMPILED_BLOCK_BYTES = 2**20
 # "auto" picks the compiled engine from this many elements of X (32 MiB of
-# float64) up: below, importing numba and loading the compiled kernel (~0.3 s,
+# float64) up: below, importing numba and loading the compiled kernel (~0.7 s,
 # once per process) costs more than it can save.
 COMPILED_MIN_ELEMENTS = 2**22
 
