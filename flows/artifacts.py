@@ -190,8 +190,14 @@ def report_markdown(
     metrics: Sequence[Mapping[str, Any]],
     seconds: float,
     outputs: Sequence[Path],
+    columns: Sequence[Sequence[str]] = (),
+    notes: Sequence[str] = (),
 ) -> str:
-    """The run's report: data, config, how training went, metrics, wall time, outputs."""
+    """The run's report: data, columns, config, how training went, metrics, wall time, outputs.
+
+    ``columns`` are ``(column, role, detail)`` rows (every column used or left out,
+    and why); ``notes`` are warnings to read before trusting the model.
+    """
     config_rows = [(name, value) for name, value in config.model_dump(mode="json").items()]
     sections = [
         "# Training report",
@@ -206,6 +212,9 @@ def report_markdown(
             ],
         ),
         "\n".join(f"- `{path}`" for path in files),
+        "## Columns",
+        _table(["column", "role", "detail"], columns),
+        *(["## Warnings", "\n".join(f"- {note}" for note in notes)] if notes else []),
         "## Training",
         _table(
             ["", ""],
@@ -276,6 +285,8 @@ def publish_run_artifacts(
     seconds: float,
     outputs: Sequence[Path],
     n_validation: int = 0,
+    columns: Sequence[Sequence[str]] = (),
+    notes: Sequence[str] = (),
 ) -> None:
     """Create the parameter table, the report, the cost curve and one link per output file."""
     from prefect.artifacts import (
@@ -306,6 +317,8 @@ def publish_run_artifacts(
             metrics=metrics,
             seconds=seconds,
             outputs=outputs,
+            columns=columns,
+            notes=notes,
         ),
         key=REPORT_KEY,
         description=f"{n_iterations} iterations ({stop_reason}), final cost {final_cost:.6g}",

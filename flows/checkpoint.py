@@ -4,14 +4,16 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flows.config import TrainConfig
-from flows.dataset import Dataset
 from flows.errors import DataError
 from lr_kernel import TrainState
+
+if TYPE_CHECKING:
+    from flows.backends import TrainingData
 
 CHECKPOINT_NAME = ".lrflow-checkpoint.npz"
 
@@ -20,13 +22,16 @@ def checkpoint_path(config: TrainConfig) -> Path:
     return Path(config.output) / CHECKPOINT_NAME
 
 
-def checkpoint_key(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
+def checkpoint_key(data: "TrainingData", config: TrainConfig) -> dict[str, Any]:
     """What must be equal for a checkpoint to be continued: the data and the objective."""
     return {
-        "input_fingerprint": dataset.fingerprint,
-        "features": list(dataset.features),
-        "label": dataset.label,
-        "positive_label": str(dataset.label_mapping.positive),
+        "input_fingerprint": data.fingerprint,
+        "terms": list(data.plan.terms),
+        "label": data.plan.label,
+        "positive_label": str(data.plan.label_mapping.positive),
+        "missing": config.missing,
+        "weight": config.weight,
+        "class_weight": config.class_weight,
         "standardize": config.standardize,
         "dtype": config.dtype,
         "optimizer": config.optimizer,

@@ -9,15 +9,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flows.backends import resolve_backend
+from flows.backends import check_values, plan_run, resolve_backend
 from flows.config import ScoreConfig, TrainConfig
-from flows.dataset import (
-    check_held_out_labels,
-    check_output_location,
-    plan_inputs,
-    scan,
-    validate_values,
-)
 from flows.errors import DataError, LrflowError, one_line
 
 app = typer.Typer(
@@ -26,6 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help (click's): it wraps descriptions instead of cutting flag names at
+    # 80 columns, and shows "[default: ...]" as text, not as markup.
+    rich_markup_mode=None,
 )
 
 EXIT_BAD_INPUT = 2
@@ -66,7 +62,32 @@ def train(
     output: Annotated[str, typer.Option(help="Directory to write the results to.")],
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
     features: Annotated[
-        str | None, typer.Option(help="Comma-separated feature columns [default: all numeric].")
+        str | None,
+        typer.Option(
+            help="Exactly these comma-separated feature columns [default: every column of a "
+            "supported type but the label, the weight and --exclude]."
+        ),
+    ] = None,
+    exclude: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated columns never to use as features (keys, leaks)."),
+    ] = None,
+    missing: Annotated[
+        str,
+        typer.Option(
+            help="Nulls in features: error, or impute (numeric: the training mean plus a "
+            "'col=(missing)' term; categorical: a '(missing)' level)."
+        ),
+    ] = "error",
+    max_levels: Annotated[
+        int, typer.Option(help="Most distinct values of a string/categorical feature.")
+    ] = 100,
+    weight: Annotated[
+        str | None, typer.Option(help="Column of row weights (finite, >= 0).")
+    ] = None,
+    class_weight: Annotated[
+        str | None,
+        typer.Option(help="balanced: weight each row m / (2 m_class), as scikit-learn."),
     ] = None,
     positive_label: Annotated[
         str | None, typer.Option(help="Label value of the positive class [default: the larger].")
@@ -150,6 +171,11 @@ def train(
         output=output,
         label=label,
         features=_split(features),
+        exclude=_split(exclude) or [],
+        missing=missing,  # type: ignore[arg-type]  # validated by the model
+        max_levels=max_levels,
+        weight=weight,
+        class_weight=class_weight,  # type: ignore[arg-type]  # validated by the model
         positive_label=positive_label,
         iterations=iterations,
         learning_rate=_numbers(learning_rate, "--learning-rate"),
@@ -176,22 +202,13 @@ def train(
     # Every input check runs before Prefect (seconds to start) is even imported:
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
-    plan = plan_inputs(config.data, config.label, config.features)
-    # Polars' query holds the columns in memory: out-of-core and Dask runs check
-    # the values in their own bounded first pass, inside the flow, instead.
-    if resolve_backend(config, plan) == "memory":
-        mapping = validate_values(
-            plan,
-            scan(plan),
-            config.positive_label,
-            standardize=config.standardize,
-            dtype=config.dtype,
-        )
-        if config.validation_data is not None:
-            held_out = plan_inputs(config.validation_data, config.label, plan.features)
-            check_held_out_labels(plan, held_out, scan(held_out), mapping)
+    plan, _ = plan_run(config)
     _check_output(config.output)
-    check_output_location(config.data, config.output)
+    # Data that fits in memory is small enough to check in full first: the same
+    # bounded first pass the run makes. Out-of-core and Dask runs make theirs
+    # inside the flow instead (a pass over data of that size is the run's job).
+    if resolve_backend(config, plan) == "memory":
+        check_values(config)
 
     # A batch job has no business phoning home; an explicit setting still wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -210,8 +227,12 @@ def train(
     finally:
         progress_listener.reset(token)
         bar.close()
+    for column, role, detail in summary.columns:
+        typer.echo(f"column {column!r}: {role} ({detail})")
+    for warning in summary.warnings:
+        typer.echo(f"lrflow: warning: {warning}", err=True)
     typer.echo(
-        f"trained on {summary.n_examples} examples x {summary.n_features} features: "
+        f"trained on {summary.n_examples} examples x {summary.n_features} terms: "
         f"{summary.n_iterations} iterations ({summary.stop_reason}), "
         f"final cost {summary.final_cost:.6g}"
     )
@@ -317,15 +338,28 @@ def score(
     threshold: Annotated[
         float, typer.Option(help="Predict the positive label when probability >= this.")
     ] = 0.5,
+    unseen: Annotated[
+        str,
+        typer.Option(
+            help="A categorical level not seen in training: reference (score it as the "
+            "reference level, counted) or error."
+        ),
+    ] = "reference",
 ) -> None:
     """Score Parquet data with a trained model; write keys, probability and prediction."""
-    config = ScoreConfig(model=model, data=data, output=output, threshold=threshold)
+    config = ScoreConfig(
+        model=model,
+        data=data,
+        output=output,
+        threshold=threshold,
+        unseen=unseen,  # type: ignore[arg-type]  # validated by the model
+    )
     # The same rule as train: every check that needs no pass over the data runs
     # before Prefect starts (the model, the columns and types, footer null counts).
     # NaN/inf need a pass over the values, so scoring itself finds them.
     from flows.scoring import check_output_file, load_model, plan_scoring
 
-    plan_scoring(load_model(config.model), config.data)
+    plan_scoring(load_model(config.model), config.data, unseen=config.unseen)
     check_output_file(config.output)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -340,7 +374,23 @@ def score(
         f"scored {summary.n_rows} rows: {summary.n_positive} predicted positive, "
         f"mean probability {summary.mean_probability:.6g}"
     )
+    for column, count in summary.unseen.items():
+        typer.echo(
+            f"lrflow: warning: column {column!r}: {count} rows of levels not seen in training, "
+            "scored as the reference level",
+            err=True,
+        )
+    for column, count in summary.imputed.items():
+        typer.echo(f"column {column!r}: {count} nulls imputed with the training mean")
+    if summary.metrics is not None:
+        m = summary.metrics
+        typer.echo(
+            f"labelled: log_loss {m['log_loss']:.6g}, accuracy {m['accuracy']:.4f}, "
+            f"roc_auc {m['roc_auc']:.4f}"
+        )
     typer.echo(f"wrote {summary.output}")
+    if summary.metrics_file is not None:
+        typer.echo(f"wrote {summary.metrics_file}")
 
 
 def _check_output(output: str) -> None:

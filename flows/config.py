@@ -25,7 +25,29 @@ class TrainConfig(BaseModel):
     )
     label: str = Field(default="label", min_length=1, description="Label column.")
     features: list[str] | None = Field(
-        default=None, description="Feature columns; default: every other numeric column."
+        default=None,
+        description="Exactly these feature columns; default: every column of a supported type "
+        "but the label, the weight and `exclude`.",
+    )
+    exclude: list[str] = Field(
+        default=[], description="Columns never used as features (keys, leaks, free text)."
+    )
+    max_levels: int = Field(
+        default=100,
+        ge=1,
+        description="Most distinct values of a string/categorical feature (more: an error).",
+    )
+    missing: Literal["error", "impute"] = Field(
+        default="error",
+        description="Nulls in features: error, or impute (numeric: the training mean and an "
+        "indicator term; categorical: a '(missing)' level).",
+    )
+    weight: str | None = Field(
+        default=None, min_length=1, description="Column of row weights (finite, >= 0)."
+    )
+    class_weight: Literal["balanced"] | None = Field(
+        default=None,
+        description="balanced: each row weighted m / (2 m_c) by its class, as scikit-learn.",
     )
     positive_label: str | None = Field(
         default=None,
@@ -158,6 +180,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"dask_address is set but backend is {self.backend!r}, not 'dask'")
         return self
 
+    @model_validator(mode="after")
+    def _features_or_exclude(self) -> "TrainConfig":
+        if self.features is not None and self.exclude:
+            raise ValueError("give features (exactly these) or exclude (all but these), not both")
+        return self
+
     @field_validator("features")
     @classmethod
     def _features_are_distinct(cls, features: list[str] | None) -> list[str] | None:
@@ -203,6 +231,11 @@ class ScoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Directory of a train run (holds params.parquet).")
+    unseen: Literal["error", "reference"] = Field(
+        default="reference",
+        description="A categorical level not seen in training: coded as the reference level "
+        "(counted in the summary), or an error.",
+    )
     data: str = Field(description="A Parquet file, a directory of Parquet files, or a glob.")
     output: str = Field(description="Parquet file to write the predictions to.")
     threshold: float = Field(

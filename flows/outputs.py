@@ -10,18 +10,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.config import TrainConfig
-from flows.dataset import Dataset
 from flows.errors import DataError
 from flows.locks import exclusive_lock
 from lr_kernel import FitResult
-from lr_kernel.metrics import binary_metrics
+
+if TYPE_CHECKING:
+    from flows.backends import TrainingData
 
 INTERCEPT_TERM = "(Intercept)"
 METADATA_KEY = b"lrflow"
@@ -48,9 +49,9 @@ def raw_scale_parameters(
 
     Parameters
     ----------
-    w : ndarray of shape (n_features, 1) or (n_features,), trained on standardized data
+    w : ndarray of shape (n_terms, 1) or (n_terms,), trained on standardized data
     b : float
-    mean, scale : ndarray of shape (n_features,)
+    mean, scale : ndarray of shape (n_terms,), 0 and 1 for terms not standardized
 
     Returns
     -------
@@ -62,10 +63,10 @@ def raw_scale_parameters(
     return w_raw, float(b) - float(np.dot(w_raw, mean))
 
 
-def params_table(features: tuple[str, ...], w_raw: np.ndarray, b_raw: float) -> pa.Table:
-    """One row per feature in feature order, then the intercept."""
+def params_table(terms: tuple[str, ...], w_raw: np.ndarray, b_raw: float) -> pa.Table:
+    """One row per term in the plan's order, then the intercept."""
     return pa.table(
-        {"term": [*features, INTERCEPT_TERM], "estimate": [*map(float, w_raw), float(b_raw)]},
+        {"term": [*terms, INTERCEPT_TERM], "estimate": [*map(float, w_raw), float(b_raw)]},
         schema=PARAMS_SCHEMA,
     )
 
@@ -116,18 +117,6 @@ def metrics_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, A
     ]
 
 
-def evaluate(dataset: Dataset, result: FitResult) -> dict[str, dict[str, float]]:
-    """Every contracted metric on the training rows and, if any, the validation rows."""
-    if not isinstance(dataset, Dataset):  # a stream or dask backend computes its own
-        return {"train": dataset.train_metrics(result.w, result.b)}
-    Z = result.w.T @ dataset.X + result.b  # (1, m), one pass for the metrics
-    metrics = {"train": binary_metrics(Z, dataset.Y)}
-    if dataset.validation is not None:
-        held_out = dataset.validation
-        metrics["validation"] = binary_metrics(result.w.T @ held_out.X + result.b, held_out.Y)
-    return metrics
-
-
 def with_metadata(table: pa.Table, metadata: Mapping[str, Any]) -> pa.Table:
     """Attach the run's JSON metadata under the Parquet key ``lrflow``."""
     encoded = json.dumps(metadata, default=str, sort_keys=True).encode()
@@ -169,28 +158,39 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def run_metadata(
-    dataset: Dataset,
+    data: "TrainingData",
     result: FitResult,
     config: TrainConfig,
     *,
     started_at: datetime,
     run_id: str | None,
 ) -> dict[str, Any]:
-    """Everything a consumer needs to trust and reproduce the run (the ``lrflow`` key)."""
+    """Everything a consumer needs to trust and reproduce the run (the ``lrflow`` key).
+
+    ``feature_plan`` is the whole plan (levels, references, means, scales,
+    imputation): scoring needs nothing else to turn rows into terms.
+    """
+    plan = data.plan
+    mean, scale = plan.term_mean_scale()
     return {
-        "format_version": 1,
+        "format_version": 2,
         "run_id": run_id,
         "config": config.model_dump(mode="json"),
-        "features": list(dataset.features),
-        "label": dataset.label,
-        "label_mapping": dataset.label_mapping.to_json(),
-        "standardized": dataset.standardized,
-        "feature_mean": dataset.mean.tolist(),
-        "feature_scale": dataset.scale.tolist(),
-        "input_files": [str(p) for p in dataset.files],
-        "input_fingerprint": dataset.fingerprint,
-        "n_examples": dataset.n_examples,
-        "validation": _validation_metadata(dataset, config),
+        "features": list(plan.terms),
+        "columns": list(plan.columns),
+        "feature_plan": plan.to_json(),
+        "label": plan.label,
+        "label_mapping": plan.label_mapping.to_json(),
+        "standardized": plan.standardized,
+        "feature_mean": mean.tolist(),
+        "feature_scale": scale.tolist(),
+        "weighted": plan.weighted,
+        "warnings": list(plan.warnings),
+        "backend": data.backend,
+        "input_files": [str(p) for p in data.files],
+        "input_fingerprint": data.fingerprint,
+        "n_examples": data.n_examples,
+        "validation": _validation_metadata(data, config),
         "fit": {
             "n_iterations": result.n_iterations,
             "stop_reason": result.stop_reason,
@@ -203,23 +203,21 @@ def run_metadata(
     }
 
 
-def _validation_metadata(dataset: Dataset, config: TrainConfig) -> dict[str, Any] | None:
-    held_out = dataset.validation
-    if held_out is None:
+def _validation_metadata(data: "TrainingData", config: TrainConfig) -> dict[str, Any] | None:
+    if not data.n_validation:
         return None
     return {
         "fraction": config.effective_validation_fraction or None,
         "seed": config.seed,
-        "n_examples": held_out.n_examples,
-        "input_files": [str(p) for p in held_out.files],
-        "input_fingerprint": held_out.fingerprint,
+        "n_examples": data.n_validation,
+        "input_files": [str(p) for p in data.validation_files],
         "cost_every": config.validation_every,
     }
 
 
 def write_run_outputs(
     output: Path,
-    dataset: Dataset,
+    data: "TrainingData",
     result: FitResult,
     config: TrainConfig,
     *,
@@ -232,17 +230,18 @@ def write_run_outputs(
     """Write params, cost history and metrics of a finished fit as one output set.
 
     ``validation_cost`` is ``(n_iterations + 1,)`` with NaN where not evaluated;
-    ``metrics`` default to :func:`evaluate`'s; ``extra_files`` (name -> bytes,
+    ``metrics`` default to the data's; ``extra_files`` (name -> bytes,
     e.g. the cost curve picture, or tables carrying their own metadata) join the
     same set. Returns the paths of the files, then of the ``_SUCCESS`` manifest.
     """
     run_id = run_id or uuid.uuid4().hex
-    w_raw, b_raw = raw_scale_parameters(result.w, result.b, dataset.mean, dataset.scale)
+    mean, scale = data.plan.term_mean_scale()
+    w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
     if metrics is None:
-        metrics = evaluate(dataset, result)
-    metadata = run_metadata(dataset, result, config, started_at=started_at, run_id=run_id)
+        metrics = data.metrics(result.w, result.b)
+    metadata = run_metadata(data, result, config, started_at=started_at, run_id=run_id)
     tables = {
-        "params.parquet": params_table(dataset.features, w_raw, b_raw),
+        "params.parquet": params_table(data.plan.terms, w_raw, b_raw),
         "cost_history.parquet": cost_history_table(
             result.cost_history, result.gradient_norm_history, validation_cost
         ),

@@ -29,6 +29,12 @@ class ScoreSummary(BaseModel):
     n_positive: int
     mean_probability: float
     seconds: float
+    # Rows per column whose level was not seen in training (coded as the reference).
+    unseen: dict[str, int] = {}
+    imputed: dict[str, int] = {}
+    # When the data held the label: the model's metrics on it, and where they went.
+    metrics: dict[str, float] | None = None
+    metrics_file: str | None = None
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
@@ -38,7 +44,7 @@ def load_model_task(config: ScoreConfig) -> Model:
 
 @task(name="score-data", cache_policy=NO_CACHE)
 def score_data(model: Model, config: ScoreConfig) -> ScoreResult:
-    plan = plan_scoring(model, config.data)
+    plan = plan_scoring(model, config.data, unseen=config.unseen)
     metadata = score_metadata(model, plan, config) | {"run_id": flow_run.id}
     return score_to_parquet(
         plan,
@@ -59,12 +65,26 @@ def score(config: ScoreConfig) -> ScoreSummary:
     clock = time.perf_counter()
     model = load_model_task(config)
     result = score_data(model, config)
+    for column, count in result.unseen.items():
+        logger.warning(
+            "column %r: %d rows of levels not seen in training, scored as the reference level",
+            column,
+            count,
+        )
+    for column, count in result.imputed.items():
+        logger.info("column %r: %d nulls imputed with the training mean", column, count)
+    rows: list[dict[str, object]] = [
+        {"metric": "n_rows", "value": result.n_rows},
+        {"metric": "n_positive", "value": result.n_positive},
+        {"metric": "mean_probability", "value": round(result.mean_probability, 6)},
+    ]
+    rows += [{"metric": f"unseen:{c}", "value": n} for c, n in result.unseen.items()]
+    rows += [{"metric": f"imputed:{c}", "value": n} for c, n in result.imputed.items()]
+    rows += [
+        {"metric": name, "value": round(value, 6)} for name, value in (result.metrics or {}).items()
+    ]
     create_table_artifact(
-        table=[
-            {"metric": "n_rows", "value": result.n_rows},
-            {"metric": "n_positive", "value": result.n_positive},
-            {"metric": "mean_probability", "value": round(result.mean_probability, 6)},
-        ],
+        table=rows,
         key="score-metrics",
         description=f"Predictions written to {result.output}",
     )
@@ -74,6 +94,10 @@ def score(config: ScoreConfig) -> ScoreSummary:
         n_positive=result.n_positive,
         mean_probability=result.mean_probability,
         seconds=time.perf_counter() - clock,
+        unseen=result.unseen,
+        imputed=result.imputed,
+        metrics=result.metrics,
+        metrics_file=None if result.metrics_file is None else str(result.metrics_file),
     )
 
 

@@ -15,13 +15,31 @@ from queue import Full, Queue
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows.backends.partial_metrics import merge_metrics, piece_sums
 from flows.config import ScoreConfig
-from flows.dataset import FEATURE_DTYPES, common_schema, is_feature_dtype, resolve_files
+from flows.dataset import common_schema, resolve_files
 from flows.errors import DataError
-from flows.outputs import INTERCEPT_TERM, METADATA_KEY, PARAMS_SCHEMA, _fsync_directory
+from flows.features import (
+    Feature,
+    FeaturePlan,
+    LabelMapping,
+    UnseenPolicy,
+    apply_plan,
+    column_kind,
+)
+from flows.outputs import (
+    INTERCEPT_TERM,
+    METADATA_KEY,
+    PARAMS_SCHEMA,
+    _fsync_directory,
+    metrics_table,
+    with_metadata,
+    write_table_atomic,
+)
 from lr_kernel import sigmoid
 
 OUTPUT_COLUMNS = ("probability", "prediction")
@@ -45,19 +63,23 @@ _LABEL_ARROW_TYPES = {
 
 @dataclass(frozen=True)
 class Model:
-    """A trained model as a consumer needs it: raw-scale parameters and the label's values.
+    """A trained model as a consumer needs it: its feature plan and parameters.
 
     Attributes
     ----------
-    w : ndarray of shape (n_features,), float64
-        Coefficients on the raw feature scale, in ``features`` order.
+    plan : FeaturePlan
+        How rows become terms (levels, reference, means, scales, imputation).
+    w : ndarray of shape (n_terms,), float64
+        Coefficients on the plan's scale (standardized terms standardized), so
+        ``probability = sigmoid(w · x + b)`` for ``x`` a column of
+        :func:`flows.features.apply_plan`'s ``X``. ``params.parquet`` holds them
+        on the raw scale.
     b : float
-        Intercept: ``probability = sigmoid(w · x + b)``.
     negative, positive : the label's two values; ``label_type`` their Arrow type.
     """
 
     path: Path
-    features: tuple[str, ...]
+    plan: FeaturePlan
     w: np.ndarray
     b: float
     label: str
@@ -66,26 +88,47 @@ class Model:
     label_type: pa.DataType
     metadata: dict[str, Any]
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The columns the model reads."""
+        return self.plan.columns
+
 
 @dataclass(frozen=True)
 class ScorePlan:
-    """What a scoring run will read, known from the file footers alone."""
+    """What a scoring run will read, known from the file footers alone.
+
+    ``keys`` are the columns passed through (every column that is not a
+    feature); ``has_label`` says whether the label is among them, so that the
+    run can also measure the model.
+    """
 
     files: tuple[Path, ...]
     features: tuple[str, ...]
     keys: tuple[str, ...]
     n_rows: int
     output_schema: pa.Schema
+    has_label: bool = False
+    unseen: UnseenPolicy = "reference"
 
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """What :func:`score_to_parquet` wrote."""
+    """What :func:`score_to_parquet` wrote.
+
+    ``unseen``: rows per column whose level was not seen in training (coded as
+    the reference level); ``imputed``: nulls filled per column; ``metrics``
+    (and ``metrics_file``) when the data held the label.
+    """
 
     output: Path
     n_rows: int
     n_positive: int
     mean_probability: float
+    unseen: dict[str, int]
+    imputed: dict[str, int]
+    metrics: dict[str, float] | None = None
+    metrics_file: Path | None = None
 
 
 def load_model(model: str | Path) -> Model:
@@ -118,11 +161,17 @@ def load_model(model: str | Path) -> Model:
     negative, positive = mapping["negative"], mapping["positive"]
     if label_type == pa.string():  # also the fallback for label types JSON cannot carry
         negative, positive = str(negative), str(positive)
+    plan = _stored_plan(metadata, path)
+    if tuple(terms[:-1]) != plan.terms:
+        raise DataError("terms differ from the feature plan in the metadata", path=path)
+    # params.parquet is on the raw scale: back onto the plan's, where X is built.
+    mean, scale = plan.term_mean_scale()
+    w_raw = estimates[:-1]
     return Model(
         path=directory,
-        features=tuple(terms[:-1]),
-        w=estimates[:-1],
-        b=float(estimates[-1]),
+        plan=plan,
+        w=w_raw * scale,
+        b=float(estimates[-1]) + float(np.dot(w_raw, mean)),
         label=label,
         negative=negative,
         positive=positive,
@@ -131,21 +180,53 @@ def load_model(model: str | Path) -> Model:
     )
 
 
-def plan_scoring(model: Model, data: str | Path) -> ScorePlan:
+def _stored_plan(metadata: dict[str, Any], path: Path) -> FeaturePlan:
+    """The feature plan of the metadata; a model from before plans had numeric features only."""
+    try:
+        if "feature_plan" in metadata:
+            return FeaturePlan.from_json(metadata["feature_plan"])
+        features = tuple(
+            Feature(name, "numeric", mean=float(mean), scale=float(scale))
+            for name, mean, scale in zip(
+                metadata["features"],
+                metadata["feature_mean"],
+                metadata["feature_scale"],
+                strict=True,
+            )
+        )
+        return FeaturePlan(
+            label=metadata["label"],
+            label_mapping=LabelMapping(**metadata["label_mapping"]),
+            features=features,
+            standardized=bool(metadata.get("standardized", True)),
+            missing="error",
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        problem = f"no usable lrflow feature plan in the metadata ({error})"
+        raise DataError(problem, path=path) from None
+
+
+def plan_scoring(model: Model, data: str | Path, unseen: UnseenPolicy = "reference") -> ScorePlan:
     """Check the data against the model from the footers alone (no data read).
 
-    Every model feature must be present and numeric; nulls that the footers'
-    statistics record are reported here. Other columns are keys, passed through.
+    Every column the model reads must be present, of the kind it was trained
+    on; nulls that the footers' statistics record are reported here unless the
+    model imputes them. Other columns are keys, passed through.
     """
     files = resolve_files(data)
     schema = common_schema(files)
     where = files[0] if len(files) == 1 else str(data)
-    for name in model.features:
+    for feature in model.plan.features:
+        name = feature.name
         if name not in schema:
             raise DataError("model feature missing from the data", path=where, column=name)
-        if not is_feature_dtype(schema[name]):
+        kind = column_kind(schema[name])
+        if kind != feature.kind:
             raise DataError(
-                f"feature has type {schema[name]}, not {FEATURE_DTYPES}", path=where, column=name
+                f"feature has type {schema[name]}, but the model was trained on a "
+                f"{feature.kind} column",
+                path=where,
+                column=name,
             )
     keys = tuple(name for name in schema if name not in model.features)
     for name in keys:
@@ -157,7 +238,8 @@ def plan_scoring(model: Model, data: str | Path) -> ScorePlan:
         metadata = pq.read_metadata(path)
         n_rows += metadata.num_rows
         arrow_schema = arrow_schema or metadata.schema.to_arrow_schema()
-        _check_footer_nulls(path, metadata, model.features)
+        if model.plan.missing == "error":
+            _check_footer_nulls(path, metadata, model.features)
     assert arrow_schema is not None  # resolve_files never returns no files
     output_schema = pa.schema(
         [arrow_schema.field(name) for name in keys]
@@ -169,6 +251,8 @@ def plan_scoring(model: Model, data: str | Path) -> ScorePlan:
         keys=keys,
         n_rows=n_rows,
         output_schema=output_schema,
+        has_label=model.plan.label in keys,
+        unseen=unseen,
     )
 
 
@@ -182,16 +266,30 @@ def _check_footer_nulls(path: Path, metadata: pq.FileMetaData, features: tuple[s
             if statistics is not None and statistics.has_null_count:
                 nulls += statistics.null_count
         if nulls:
-            raise DataError(f"{nulls} null values", path=path, column=name)
+            raise DataError(
+                f"{nulls} null values; the model was trained with --missing error",
+                path=path,
+                column=name,
+            )
+
+
+@dataclass
+class Scored:
+    """One scored batch: the output rows, and what the plan met on the way."""
+
+    batch: pa.RecordBatch
+    unseen: dict[str, int]
+    imputed: dict[str, int]
+    metric_sums: dict[str, Any] | None
 
 
 def score_batches(
     plan: ScorePlan, model: Model, threshold: float = 0.5, batch_rows: int = 131_072
-) -> Iterator[pa.RecordBatch]:
+) -> Iterator[Scored]:
     """The predictions, one record batch per batch of input rows, in file order.
 
-    Memory is bounded by a few row groups, whatever the data's size. A null, NaN
-    or infinite feature value raises DataError naming the file and the column.
+    Memory is bounded by a few row groups, whatever the data's size. A value the
+    model's plan cannot take raises DataError naming the file and the column.
     """
     for path, batches in _read_ahead(plan, batch_rows):
         for batch in batches:
@@ -262,21 +360,25 @@ def _row_groups(path: Path, columns: list[str], batch_rows: int) -> Iterator[lis
 
 def score_batch(
     batch: pa.RecordBatch, plan: ScorePlan, model: Model, threshold: float, path: Path
-) -> pa.RecordBatch:
-    """Keys, ``probability = sigmoid(w · x + b)`` and ``prediction`` for one batch."""
-    Z = np.full(batch.num_rows, model.b)  # (rows,), the scores w · x + b
-    term = np.empty_like(Z)
-    for j, name in enumerate(plan.features):
-        column = batch.column(name)
-        if column.null_count:
-            raise DataError(f"{column.null_count} null values", path=path, column=name)
-        if not pa.types.is_float64(column.type):
-            column = column.cast(pa.float64())
-        # One axpy per feature over a batch-sized vector: no (n, rows) copy is built.
-        np.multiply(column.to_numpy(zero_copy_only=False), model.w[j], out=term)
-        Z += term
+) -> Scored:
+    """Keys, ``probability = sigmoid(w · x + b)`` and ``prediction`` for one batch.
+
+    The rows become terms through the model's feature plan
+    (:func:`flows.features.apply_plan`), the same function training used.
+    """
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    block = apply_plan(
+        model.plan,
+        frame,
+        path=path,
+        unseen=plan.unseen,
+        label=plan.has_label,
+        weights=False,
+    )
+    Z = model.w @ block.X + model.b  # (rows,), the scores w · x + b
     if not np.all(np.isfinite(Z)):
-        raise _non_finite(batch, plan, path)
+        raise DataError("feature values so large that the score overflows", path=path)
     probability = sigmoid(Z)
     positive = probability >= threshold
     prediction = pa.array([model.negative, model.positive], type=model.label_type).take(
@@ -285,19 +387,21 @@ def score_batch(
     # Keys keep the first file's Arrow type (writers differ: string vs large_string).
     keys = [batch.column(name).cast(plan.output_schema.field(name).type) for name in plan.keys]
     arrays = [*keys, pa.array(probability), prediction]
-    return pa.RecordBatch.from_arrays(arrays, schema=plan.output_schema)
+    sums = None
+    if block.Y is not None:
+        sums = piece_sums(Z.reshape(1, -1), block.Y, threshold=threshold)
+    return Scored(
+        batch=pa.RecordBatch.from_arrays(arrays, schema=plan.output_schema),
+        unseen=block.unseen,
+        imputed=block.imputed,
+        metric_sums=sums,
+    )
 
 
-def _non_finite(batch: pa.RecordBatch, plan: ScorePlan, path: Path) -> DataError:
-    """Which column made a score NaN or infinite."""
-    for name in plan.features:
-        values = batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
-        bad = int(np.count_nonzero(~np.isfinite(values)))
-        if bad:
-            return DataError(
-                f"{bad} NaN or infinite values (in this batch)", path=path, column=name
-            )
-    return DataError("feature values so large that the score overflows", path=path)
+def metrics_path(output: Path) -> Path:
+    """Where the metrics of a scored, labelled file go: ``preds.parquet`` ->
+    ``preds.metrics.parquet`` beside it."""
+    return output.with_name(f"{output.stem}.metrics{output.suffix or '.parquet'}")
 
 
 def score_to_parquet(
@@ -325,28 +429,54 @@ def score_to_parquet(
         )
     n_rows = n_positive = 0
     probability_sum = 0.0
+    unseen: dict[str, int] = {}
+    imputed: dict[str, int] = {}
+    metric_sums: list[dict[str, Any]] = []
     try:
         with temporary.open("wb") as handle:
             # Dictionary-encoding random float64 probabilities only costs time; the
             # keys and the two-valued prediction keep it.
             dictionary = [name for name in schema.names if name != "probability"]
             with pq.ParquetWriter(handle, schema, use_dictionary=dictionary) as writer:
-                for batch in score_batches(plan, model, threshold, batch_rows):
+                for scored in score_batches(plan, model, threshold, batch_rows):
+                    batch = scored.batch
                     writer.write_batch(batch.replace_schema_metadata(schema.metadata))
                     probability = batch.column("probability").to_numpy()
                     n_rows += batch.num_rows
                     n_positive += int(np.count_nonzero(probability >= threshold))
                     probability_sum += float(np.sum(probability))
+                    for total, found in ((unseen, scored.unseen), (imputed, scored.imputed)):
+                        for name, count in found.items():
+                            total[name] = total.get(name, 0) + count
+                    if scored.metric_sums is not None:
+                        metric_sums.append(scored.metric_sums)
                     if progress is not None:
                         progress(n_rows, plan.n_rows)
             handle.flush()
             os.fsync(handle.fileno())
+        metrics = merge_metrics(metric_sums) if metric_sums else None
+        written_metrics = None
+        if metrics is not None:
+            # Before the predictions appear: a consumer who sees them finds these too.
+            table = metrics_table({"scored": metrics})
+            if metadata is not None:
+                table = with_metadata(table, metadata)
+            written_metrics = write_table_atomic(table, metrics_path(output))
         os.replace(temporary, output)
     finally:
         temporary.unlink(missing_ok=True)
     _fsync_directory(output.parent)
     mean = probability_sum / n_rows if n_rows else math.nan
-    return ScoreResult(output=output, n_rows=n_rows, n_positive=n_positive, mean_probability=mean)
+    return ScoreResult(
+        output=output,
+        n_rows=n_rows,
+        n_positive=n_positive,
+        mean_probability=mean,
+        unseen=unseen,
+        imputed=imputed,
+        metrics=metrics,
+        metrics_file=written_metrics,
+    )
 
 
 def check_output_file(output: str | Path) -> Path:
@@ -370,7 +500,9 @@ def score_metadata(model: Model, plan: ScorePlan, config: ScoreConfig) -> dict[s
         "model": str(model.path),
         "model_run_id": model.metadata.get("run_id"),
         "model_input_fingerprint": model.metadata.get("input_fingerprint"),
-        "features": list(model.features),
+        "features": list(model.plan.terms),
+        "columns": list(model.features),
+        "unseen": config.unseen,
         "label_mapping": {"negative": model.negative, "positive": model.positive},
         "input_files": [str(p) for p in plan.files],
         "n_rows": plan.n_rows,

@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from flows.backends import TrainingData
 from flows.config import TrainConfig
-from flows.dataset import Dataset
 from flows.errors import DataError, DivergedError
 from flows.outputs import run_metadata, with_metadata
 from flows.threads import kernel_threads
-from lr_kernel import FitResult, GridFitResult, fit
-from lr_kernel.metrics import binary_metrics
+from lr_kernel import FitResult, GridFitResult
 
 SEARCH_SCHEMA = pa.schema(
     [
@@ -49,9 +48,8 @@ class SearchResult:
 
     Attributes
     ----------
-    train : Dataset
-        The training rows (with the validation rows in ``train.validation``); the
-        selected model's parameters are on its scale.
+    train : TrainingData
+        The run's data; the selected model's parameters are on its plan's scale.
     n_validation : int
         Held-out rows.
     grid : GridFitResult
@@ -62,7 +60,7 @@ class SearchResult:
         The candidate with the lowest validation log-loss (the first on a tie).
     """
 
-    train: Dataset
+    train: TrainingData
     n_validation: int
     grid: GridFitResult
     validation_log_loss: np.ndarray
@@ -90,36 +88,31 @@ class SearchResult:
         }
 
 
-def run_search(dataset: Dataset, config: TrainConfig, n_threads: int) -> SearchResult:
-    """Train every candidate together on the training rows, select on the validation rows."""
-    if not isinstance(dataset, Dataset):
-        raise DataError("a search over several l2 / learning-rate values needs the memory backend")
-    validation = dataset.validation
+def run_search(data: TrainingData, config: TrainConfig, n_threads: int) -> SearchResult:
+    """Train every candidate on the training rows, select on the held-out rows."""
+    validation = data.validation_loss()
     if validation is None:
         raise DataError(
             "a search over several l2 / learning-rate values selects on validation data: "
             "give --validation-fraction > 0 or --validation-data"
         )
-    train = dataset
     rates = None if config.optimizer == "lbfgs" else _listed(config.learning_rate)
     # As for a single fit: the kernel's own threads, BLAS on one thread under them.
     with kernel_threads(n_threads):
-        grid = fit(
-            train.X,
-            train.Y,
-            l2=_listed(config.l2),
-            learning_rate=rates,
+        grid = data.fit_candidates(
+            _listed(config.l2),
+            rates,
             iterations=config.iterations,
             tol=config.tol,
             optimizer=config.optimizer,
             n_threads=n_threads,
         )
-    Z = grid.w.T.astype(np.float64) @ validation.X + grid.b[:, None]  # (K, m_validation)
+    # The held-out rows' (weighted) mean log-loss: the validation loss without penalty.
     losses = np.array(
         [
             math.nan
             if reason == "diverged"
-            else binary_metrics(Z[k : k + 1], validation.Y)["log_loss"]
+            else float(validation(grid.w[:, k : k + 1], float(grid.b[k]), 0.0)[0])
             for k, reason in enumerate(grid.stop_reason)
         ]
     )
@@ -130,8 +123,8 @@ def run_search(dataset: Dataset, config: TrainConfig, n_threads: int) -> SearchR
             "try smaller ones"
         )
     return SearchResult(
-        train=train,
-        n_validation=validation.n_examples,
+        train=data,
+        n_validation=data.n_validation,
         grid=grid,
         validation_log_loss=losses,
         selected=int(np.nanargmin(losses)),
@@ -207,5 +200,5 @@ def _first(value: float | list[float]) -> float:
     return value[0] if isinstance(value, list) else value
 
 
-def _listed(value: float | list[float]) -> list[float]:
+def _listed(value: float | list[float] | str) -> list[float]:
     return value if isinstance(value, list) else [value]

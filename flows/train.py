@@ -1,4 +1,4 @@
-"""The train flow: Parquet -> Dataset -> lr_kernel.fit -> Parquet, as three coarse tasks."""
+"""The train flow: Parquet -> TrainingData -> lr_kernel solvers -> Parquet, as coarse tasks."""
 
 import logging
 import time
@@ -21,18 +21,15 @@ from flows.artifacts import (
     start_importing_matplotlib,
     training_progress,
 )
-from flows.backends import open_backend, resolve_backend
+from flows.backends import TrainingData, open_training_data, plan_run
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
-from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
 from flows.errors import DataError, DivergedError, LrflowError
-from flows.outputs import evaluate, metrics_rows, write_run_outputs
+from flows.outputs import metrics_rows, write_run_outputs
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
 from flows.threads import available_cores, kernel_threads
-from lr_kernel import FitResult, default_block_size, fit, fit_loss
-from lr_kernel.loss import resolve_engine
+from lr_kernel import FitResult, LossFunction, fit_loss
 from lr_kernel.metrics import HeldOutCost
-from lr_kernel.stepsize import stable_learning_rate
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
@@ -65,6 +62,9 @@ class TrainSummary(BaseModel):
     # With several l2 / learning-rate candidates: the chosen one's values, its
     # validation log-loss and the number of candidates.
     selected: dict[str, float] | None = None
+    # (column, role, detail) of every column, and the warnings about the data.
+    columns: list[list[str]] = []
+    warnings: list[str] = []
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -73,48 +73,44 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 def fit_dataset(
-    dataset: Dataset,
+    data: TrainingData,
     config: TrainConfig,
     run_id: str | None = None,
     callback: Callable[[int, float], None] | None = None,
     monitor: Callable[[int, np.ndarray, float], None] | None = None,
 ) -> FitResult:
-    """Train on a loaded dataset; a diverged run raises instead of returning garbage.
+    """Train on a run's data; a diverged run raises instead of returning garbage.
 
     Checkpoints go to the output directory every ``config.checkpoint_every``
     iterations; a matching one is continued when ``config.resume`` is set or when
     this same run (``run_id``) wrote it, as when Prefect retries the fit task.
     """
     path = checkpoint_path(config)
-    key = checkpoint_key(dataset, config)
+    key = checkpoint_key(data, config)
     resume = state_to_resume(path, key, resume=config.resume, run_id=run_id)
-    learning_rate = resolve_learning_rate(dataset, config)
-    n_threads, _ = kernel_setting(dataset, config)
-    arguments = dict(
-        learning_rate=learning_rate,
-        iterations=config.iterations,
-        l2=config.l2,
-        tol=config.tol,
-        callback=callback,
-        monitor=monitor,
-        optimizer=config.optimizer,
-        resume=resume,
-        checkpoint_every=config.checkpoint_every,
-        on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
-    )
+    learning_rate = resolve_learning_rate(data, config)
+    n_threads, engine = kernel_setting(data, config)
     with kernel_threads(n_threads):
-        if isinstance(dataset, Dataset):
-            result = fit(
-                dataset.X, dataset.Y, n_threads=n_threads, engine=config.engine, **arguments
-            )
-        else:  # a stream or dask backend's data: the same solvers over its loss
-            result = fit_loss(dataset.loss(n_threads=n_threads), **arguments)
+        result = fit_loss(
+            data.loss(n_threads=n_threads, engine=engine),
+            learning_rate=learning_rate,
+            iterations=config.iterations,
+            l2=config.l2,  # type: ignore[arg-type]  # one value: a list is a search
+            tol=config.tol,
+            callback=callback,
+            monitor=monitor,
+            optimizer=config.optimizer,
+            resume=resume,
+            checkpoint_every=config.checkpoint_every,
+            on_checkpoint=lambda state: save_checkpoint(path, state, key, run_id),
+        )
     if result.stop_reason == "diverged":
         path.unlink(missing_ok=True)  # continuing a diverging run would only diverge again
-        hint = "try a smaller one"
-        if isinstance(dataset, Dataset):
-            stable = stable_learning_rate(dataset.X, config.l2)
+        try:
+            stable = data.stable_learning_rate(config.l2)  # type: ignore[arg-type]
             hint = f"{stable:.3g} is stable for it (or use --learning-rate auto)"
+        except DataError:
+            hint = "try a smaller one"
         raise DivergedError(
             f"training diverged at iteration {result.n_iterations} "
             f"(cost {result.cost_history[-1]:.6g}, started at {result.cost_history[0]:.6g}): "
@@ -123,32 +119,35 @@ def fit_dataset(
     return result
 
 
-def kernel_setting(dataset: Dataset, config: TrainConfig) -> tuple[int, str]:
-    """The kernel's threads and, for in-memory data, the engine (``"auto"`` resolved).
-
-    The stream and Dask backends build one loss per chunk or shard, each with
-    ``engine="auto"``; for them the engine returned is just ``"auto"``.
-    """
-    n_threads = config.threads or available_cores()
-    if not isinstance(dataset, Dataset):
-        return n_threads, "auto"
-    n, m = dataset.X.shape
-    if m <= default_block_size(n, dataset.X.dtype):
-        n_threads = 1  # one block of examples: nothing to share between threads
-    return n_threads, resolve_engine(config.engine, dataset.X, n_threads)
+def kernel_setting(data: TrainingData, config: TrainConfig) -> tuple[int, str]:
+    """The kernel's threads and engine (``"auto"`` resolved where the data allows)."""
+    return data.kernel_setting(config.threads or available_cores(), config.engine)
 
 
-def resolve_learning_rate(dataset: Dataset, config: TrainConfig) -> float:
+def resolve_learning_rate(data: TrainingData, config: TrainConfig) -> float | None:
     """The configured step, or for ``auto`` 1/L from the data (see lr_kernel.stepsize)."""
-    if config.learning_rate == "auto" and not isinstance(dataset, Dataset):
-        raise DataError("--learning-rate auto needs the memory backend; give a number")
     if config.learning_rate == "auto":
-        return stable_learning_rate(dataset.X, config.l2)
-    return config.learning_rate
+        return data.stable_learning_rate(config.l2)  # type: ignore[arg-type]
+    return config.learning_rate  # type: ignore[return-value]  # one value: a list is a search
+
+
+class ValidationCost(HeldOutCost):
+    """:class:`lr_kernel.metrics.HeldOutCost` on any backend's held-out rows: their (weighted)
+    mean log-loss from the data's validation loss, every ``every``-th update."""
+
+    def __init__(self, loss: LossFunction, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self._costs: dict[int, float] = {}
+        self._loss = loss
+
+    def cost(self, w: np.ndarray, b: float) -> float:
+        return float(self._loss(w, b, 0.0)[0])
 
 
 def fit_with_validation_cost(
-    dataset: Dataset,
+    data: TrainingData,
     config: TrainConfig,
     run_id: str | None = None,
     callback: Callable[[int, float], None] | None = None,
@@ -158,11 +157,11 @@ def fit_with_validation_cost(
     Returns the result and the validation cost per iteration, ``(n_iterations + 1,)``
     with NaN where not evaluated (the final iteration always is), or None.
     """
-    held_out = dataset.validation
+    held_out = data.validation_loss()
     if held_out is None:
-        return fit_dataset(dataset, config, run_id, callback), None
-    monitor = HeldOutCost(held_out.X, held_out.Y, every=config.validation_every)
-    result = fit_dataset(dataset, config, run_id, callback, monitor)
+        return fit_dataset(data, config, run_id, callback), None
+    monitor = ValidationCost(held_out, every=config.validation_every)
+    result = fit_dataset(data, config, run_id, callback, monitor)
     return result, monitor.history(result.n_iterations, result.w, result.b)
 
 
@@ -182,27 +181,8 @@ def publish_metrics(metrics: dict[str, dict[str, float]], key: str) -> None:
     retry_condition_fn=retry_unless_bad_input,
     cache_policy=NO_CACHE,
 )
-def load_data(config: TrainConfig) -> Dataset:
-    plan = plan_inputs(config.data, config.label, config.features)
-    check_output_location(config.data, config.output)
-    backend = resolve_backend(config, plan)
-    if backend != "memory":
-        get_run_logger().info("backend: %s", backend)
-        if config.validation_fraction or config.validation_data is not None:
-            raise DataError(f"validation is available with the memory backend, not {backend}")
-        return open_backend(backend, plan, config)
-    validation_plan = None
-    if config.validation_data is not None:
-        validation_plan = plan_inputs(config.validation_data, config.label, plan.features)
-    return load_dataset(
-        plan,
-        standardize=config.standardize,
-        dtype=config.dtype,
-        positive_label=config.positive_label,
-        validation_fraction=config.effective_validation_fraction,
-        seed=config.seed,
-        validation_plan=validation_plan,
-    )
+def load_data(config: TrainConfig) -> TrainingData:
+    return open_training_data(config, *plan_run(config))
 
 
 # A retry continues from this run's last checkpoint; divergence is never retried.
@@ -213,18 +193,22 @@ def load_data(config: TrainConfig) -> Dataset:
     retry_condition_fn=retry_unless_bad_input,
     cache_policy=NO_CACHE,
 )
-def fit_model(dataset: Dataset, config: TrainConfig) -> tuple[FitResult, np.ndarray | None]:
+def fit_model(data: TrainingData, config: TrainConfig) -> tuple[FitResult, np.ndarray | None]:
     run_id = str(flow_run.id) if flow_run.id else None
-    if isinstance(dataset, Dataset):
-        n_threads, engine = kernel_setting(dataset, config)
-        get_run_logger().info("kernel: %s engine, %d thread(s)", engine, n_threads)
+    n_threads, engine = kernel_setting(data, config)
+    get_run_logger().info("kernel: %s engine, %d thread(s)", engine, n_threads)
     with training_progress(config.iterations) as on_update:
-        return fit_with_validation_cost(dataset, config, run_id=run_id, callback=on_update)
+        return fit_with_validation_cost(data, config, run_id=run_id, callback=on_update)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_model(dataset: Dataset, result: FitResult) -> dict[str, dict[str, float]]:
-    return evaluate(dataset, result)
+def evaluate_model(data: TrainingData, result: FitResult) -> dict[str, dict[str, float]]:
+    """Every metric per split; ``weighted`` (1 or 0) says whether they weigh the rows."""
+    weighted = float(data.plan.weighted)
+    return {
+        split: values | {"weighted": weighted}
+        for split, values in data.metrics(result.w, result.b).items()
+    }
 
 
 @task(
@@ -235,7 +219,7 @@ def evaluate_model(dataset: Dataset, result: FitResult) -> dict[str, dict[str, f
     cache_policy=NO_CACHE,
 )
 def write_outputs(
-    dataset: Dataset,
+    data: TrainingData,
     result: FitResult,
     config: TrainConfig,
     started_at: datetime,
@@ -251,7 +235,7 @@ def write_outputs(
         )
     return write_run_outputs(
         Path(config.output),
-        dataset,
+        data,
         result,
         config,
         started_at=started_at,
@@ -264,25 +248,27 @@ def write_outputs(
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def publish_artifacts(
-    dataset: Dataset, result: FitResult, config: TrainConfig, files: list[Path], seconds: float
+    data: TrainingData, result: FitResult, config: TrainConfig, files: list[Path], seconds: float
 ) -> None:
     publish_run_artifacts(
         config=config,
-        files=dataset.files,
-        n_examples=dataset.n_examples,
-        features=dataset.features,
+        files=data.files,
+        n_examples=data.n_examples,
+        features=data.plan.terms,
         cost_history=result.cost_history,
         n_iterations=result.n_iterations,
         stop_reason=result.stop_reason,
         seconds=seconds,
         outputs=files,
-        n_validation=0 if dataset.validation is None else dataset.validation.n_examples,
+        n_validation=data.n_validation,
+        columns=data.plan.describe(),
+        notes=data.plan.warnings,
     )
 
 
 @task(name="search", cache_policy=NO_CACHE)
-def search_model(dataset: Dataset, config: TrainConfig) -> SearchResult:
-    return run_search(dataset, config, n_threads=config.threads or available_cores())
+def search_model(data: TrainingData, config: TrainConfig) -> SearchResult:
+    return run_search(data, config, n_threads=config.threads or available_cores())
 
 
 def publish_search(search: SearchResult) -> None:
@@ -303,23 +289,29 @@ def train(config: TrainConfig) -> TrainSummary:
     start_importing_matplotlib()  # for cost_history.png, overlapping the work below
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    dataset = load_data(config)
+    data = load_data(config)
+    plan = data.plan
     logger.info(
-        "loaded %d examples x %d features from %d file(s)",
-        dataset.n_examples,
-        len(dataset.features),
-        len(dataset.files),
+        "loaded %d examples x %d terms from %d file(s) (%s backend)",
+        data.n_examples,
+        plan.n_terms,
+        len(data.files),
+        data.backend,
     )
+    for column, role, detail in plan.describe():
+        logger.info("column %r: %s (%s)", column, role, detail)
+    for warning in plan.warnings:
+        logger.warning(warning)
     try:
         if config.learning_rate == "auto":  # resolved once, so the outputs record the number
-            learning_rate = resolve_learning_rate(dataset, config)
+            learning_rate = resolve_learning_rate(data, config)
             config = config.model_copy(update={"learning_rate": learning_rate})
             logger.info("learning rate auto: %.6g (1/L of the data)", config.learning_rate)
-        if dataset.validation is not None:
-            logger.info("holding out %d examples for validation", dataset.validation.n_examples)
-        search = search_model(dataset, config) if is_search(config) else None
+        if data.n_validation:
+            logger.info("holding out %d examples for validation", data.n_validation)
+        search = search_model(data, config) if is_search(config) else None
         if search is None:
-            result, validation_cost = fit_model(dataset, config)
+            result, validation_cost = fit_model(data, config)
             written_config = config
         else:
             result, validation_cost = search.selected_result, None
@@ -336,28 +328,29 @@ def train(config: TrainConfig) -> TrainSummary:
             result.stop_reason,
             result.cost_history[-1],
         )
-        metrics = evaluate_model(dataset, result)
+        metrics = evaluate_model(data, result)
         files = write_outputs(
-            dataset, result, written_config, started_at, validation_cost, metrics, search, config
+            data, result, written_config, started_at, validation_cost, metrics, search, config
         )
     finally:
-        if not isinstance(dataset, Dataset):  # stop a Dask cluster, drop a stream cache if asked
-            dataset.close()
+        data.close()  # stop a Dask cluster, drop a stream cache if asked
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
-    publish_artifacts(dataset, result, written_config, files, time.perf_counter() - clock)
+    publish_artifacts(data, result, written_config, files, time.perf_counter() - clock)
     publish_metrics(metrics, "train-metrics")
     if search is not None:
         publish_search(search)
     return TrainSummary(
         output=config.output,
         files=[str(p) for p in files],
-        n_examples=dataset.n_examples,
-        n_features=len(dataset.features),
+        n_examples=data.n_examples,
+        n_features=plan.n_terms,
         n_iterations=result.n_iterations,
         final_cost=float(result.cost_history[-1]),
         stop_reason=result.stop_reason,
         seconds=time.perf_counter() - clock,
-        n_validation_examples=0 if dataset.validation is None else dataset.validation.n_examples,
+        n_validation_examples=data.n_validation,
+        columns=[list(row) for row in plan.describe()],
+        warnings=list(plan.warnings),
         metrics=metrics,
         selected=None if search is None else search.summary(config),
     )

@@ -1,19 +1,26 @@
 """Where training data lives: in memory, streamed from an on-disk cache, or sharded over Dask.
 
-Every backend hands the solvers a :class:`lr_kernel.LossFunction` whose sums
-over examples split exactly across blocks and shards, so the parameters do not
+Every backend implements :class:`TrainingData`: the flows never ask which one
+they have. All of them read their rows through the same two passes
+(:mod:`flows.backends.passes`: summaries, then the feature plan applied per
+batch) and hand the solvers a :class:`lr_kernel.LossFunction` whose sums over
+examples split exactly across blocks and shards, so the parameters do not
 depend on where the sums ran (beyond float rounding).
 """
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
-import pyarrow.parquet as pq
+import numpy as np
 
 from flows.config import TrainConfig
-from flows.dataset import InputPlan
-from flows.errors import DataError, LrflowError
+from flows.dataset import InputPlan, count_rows
+from flows.errors import LrflowError
+from flows.features import FeaturePlan
+from lr_kernel import GridFitResult, LossFunction, Optimizer
 
 _UNITS = {
     "": 1,
@@ -44,19 +51,73 @@ def default_memory_budget() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def count_rows(plan: InputPlan) -> int:
-    """Rows of every planned file, from the footers alone."""
-    try:
-        return sum(pq.read_metadata(path).num_rows for path in plan.files)
-    except Exception as error:
-        raise DataError(f"cannot read the Parquet footer ({error})", path=plan.files[0]) from None
+class TrainingData(Protocol):
+    """A run's training (and held-out) rows, wherever they live.
+
+    ``n_examples`` counts the training rows, ``n_validation`` the held-out ones
+    (0 without validation). Parameters are on the plan's scale (standardized
+    terms standardized).
+    """
+
+    @property
+    def backend(self) -> str: ...
+    @property
+    def plan(self) -> FeaturePlan: ...
+    @property
+    def files(self) -> tuple[Path, ...]: ...
+    @property
+    def validation_files(self) -> tuple[Path, ...]: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def n_examples(self) -> int: ...
+    @property
+    def n_validation(self) -> int: ...
+
+    def loss(self, n_threads: int = 1, engine: str = "auto") -> LossFunction:
+        """The training rows' cost and gradients."""
+        ...
+
+    def validation_loss(self) -> LossFunction | None:
+        """The held-out rows' cost (call with ``l2=0``: their mean log-loss), or None."""
+        ...
+
+    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
+        """Every contracted metric on ``train`` and, with validation, ``validation``."""
+        ...
+
+    def fit_candidates(
+        self,
+        l2: Sequence[float],
+        learning_rate: Sequence[float] | None,
+        *,
+        iterations: int,
+        tol: float,
+        optimizer: Optimizer,
+        n_threads: int,
+    ) -> GridFitResult:
+        """Every ``l2`` x learning-rate candidate fitted on the training rows."""
+        ...
+
+    def stable_learning_rate(self, l2: float) -> float:
+        """A gradient-descent step that lowers the cost at every update (``1/L``)."""
+        ...
+
+    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
+        """The kernel's threads and engine for this data (``auto`` resolved where it can be)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the data holds (a cluster, a cache asked to be cleaned up)."""
+        ...
 
 
 def in_memory_bytes(plan: InputPlan, n_rows: int, dtype: str) -> int:
-    """What the in-memory path holds at its peak: the float64 frame read by Polars, and X."""
-    n = len(plan.features)
+    """What the in-memory path holds at its peak: ``X`` and one batch (a conservative guess
+    of the terms: categorical columns are counted at 8 terms)."""
+    n = sum(8 if c.kind == "categorical" else 1 for c in plan.choice.columns)
     itemsize = 4 if dtype == "float32" else 8
-    return n_rows * ((n + 1) * 8 + n * itemsize)
+    return n_rows * (n + 2) * itemsize + (32 << 20)
 
 
 def resolve_backend(config: TrainConfig, plan: InputPlan) -> str:
@@ -66,7 +127,7 @@ def resolve_backend(config: TrainConfig, plan: InputPlan) -> str:
     if config.dask_address is not None:
         return "dask"
     budget = config.memory_budget or default_memory_budget()
-    needed = in_memory_bytes(plan, count_rows(plan), config.dtype)
+    needed = in_memory_bytes(plan, count_rows(plan.files), config.dtype)
     return "memory" if needed <= budget else "stream"
 
 
@@ -79,22 +140,32 @@ def cache_root(config: TrainConfig) -> Path:
     return Path(tempfile.gettempdir()) / "lrflow-cache"
 
 
-def open_backend(backend: str, plan: InputPlan, config: TrainConfig):
-    """The training data of a ``stream`` or ``dask`` run (``memory`` is :func:`load_dataset`)."""
-    common = {
-        "standardize": config.standardize,
-        "dtype": config.dtype,
-        "positive_label": config.positive_label,
-    }
+def open_training_data(
+    config: TrainConfig, plan: InputPlan, validation: InputPlan | None = None
+) -> TrainingData:
+    """The run's training data on the backend ``config`` asks for (``auto`` resolved).
+
+    The one place that chooses a backend: everything after it goes through
+    :class:`TrainingData`.
+    """
+    from flows.backends.passes import Preparation
+
+    backend = resolve_backend(config, plan)
+    prep = Preparation.of(config, plan)
+    if backend == "memory":
+        from flows.backends.memory import open_memory
+
+        return open_memory(plan, validation, prep)
     if backend == "stream":
         from flows.backends.stream import open_stream
 
         return open_stream(
             plan,
+            validation,
+            prep,
             cache_root=cache_root(config),
             memory_budget=config.memory_budget or default_memory_budget(),
             cleanup=config.cleanup_cache,
-            **common,
         )
     if backend == "dask":
         try:
@@ -103,5 +174,69 @@ def open_backend(backend: str, plan: InputPlan, config: TrainConfig):
             raise LrflowError(
                 "the dask backend needs dask.distributed: pip install 'lrflow[dask]'"
             ) from None
-        return open_dask(plan, address=config.dask_address, n_workers=config.dask_workers, **common)
+        return open_dask(
+            plan, validation, prep, address=config.dask_address, n_workers=config.dask_workers
+        )
     raise ValueError(f"no backend {backend!r}")
+
+
+def fit_one_by_one(
+    loss: LossFunction,
+    l2: Sequence[float],
+    learning_rate: Sequence[float] | None,
+    *,
+    iterations: int,
+    tol: float,
+    optimizer: Optimizer,
+) -> GridFitResult:
+    """Each candidate fitted in turn on ``loss``: the grid of a backend without a many-model pass.
+
+    Candidates come in :func:`lr_kernel.grid_candidates` order (``l2``-major).
+    """
+    from lr_kernel import fit_loss, grid_candidates
+
+    l2_values, rates = grid_candidates(
+        list(l2), None if learning_rate is None else list(learning_rate)
+    )
+    fits = [
+        fit_loss(
+            loss,
+            learning_rate=None if np.isnan(rate) else float(rate),
+            iterations=iterations,
+            l2=float(value),
+            tol=tol,
+            optimizer=optimizer,
+        )
+        for value, rate in zip(l2_values, rates, strict=True)
+    ]
+    return GridFitResult.from_fits(fits, l2_values, rates)
+
+
+def plan_run(config: TrainConfig) -> tuple[InputPlan, InputPlan | None]:
+    """The run's inputs from the footers: paths, schemas, column roles, the output's place."""
+    from flows.dataset import check_output_location, plan_held_out, plan_inputs
+
+    plan = plan_inputs(
+        config.data, config.label, config.features, exclude=config.exclude, weight=config.weight
+    )
+    check_output_location(config.data, config.output)
+    validation = None
+    if config.validation_data is not None:
+        validation = plan_held_out(config.validation_data, plan)
+    return plan, validation
+
+
+def check_values(config: TrainConfig) -> FeaturePlan:
+    """Every check of the run's values, before anything slow starts: the first pass of the
+    in-memory backend (bounded memory: one batch at a time), which learns the plan.
+
+    Returns the plan the run will use; raises DataError for anything it cannot use.
+    """
+    from flows.backends.passes import Preparation, learn, pieces_of, summarize_piece
+    from flows.dataset import file_pieces
+
+    plan, validation = plan_run(config)
+    prep = Preparation.of(config, plan)
+    pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
+    summaries = [summarize_piece(piece, prep) for piece in pieces]
+    return learn(prep, [s[0] for s in summaries], [s[1] for s in summaries])[0]

@@ -1,10 +1,11 @@
 """Past one machine: each Dask worker reads and keeps its own shard; the driver sums partial sums.
 
 The driver reads only the Parquet footers: it splits the row groups of all
-files, in input order, into one contiguous shard per worker. Each worker reads
-its row groups, checks them and returns their moments; the driver merges those
-in shard order (the standardization statistics, computed the distributed way),
-then each worker builds its standardized ``X`` shard and a
+files (training data, then separate validation data), in input order, into one
+contiguous shard per worker. Each worker reads its row groups and returns their
+summaries (:mod:`flows.backends.passes`); the driver merges those in shard
+order and learns the feature plan, then each worker reads its row groups again
+and applies the plan into its own ``X`` (training and held-out rows) and a
 :class:`lr_kernel.FusedLoss` over it. Per evaluation the driver sends ``(w, b)``
 with one small task per shard and adds the returned partial sums in shard
 order, so the result does not depend on which worker finishes first.
@@ -14,29 +15,22 @@ message naming the worker rather than waiting for it.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
-import pyarrow.parquet as pq
 
-from flows.backends.pieces import (
-    ValueSummary,
-    finish_summary,
-    iter_batches,
-    kernel_arrays,
-    merge_metrics,
-    piece_sums,
-    summarize,
-)
-from flows.dataset import InputPlan, LabelMapping, fingerprint
-from flows.errors import LrflowError
-from lr_kernel import FusedLoss, loss_from_sums
+from flows.backends import fit_one_by_one
+from flows.backends.memory import Rows
+from flows.backends.partial_metrics import merge_metrics, piece_sums
+from flows.backends.passes import Preparation, learn, piece_blocks, pieces_of, summarize_piece
+from flows.dataset import InputPlan, Piece, fingerprint, row_group_pieces
+from flows.errors import DataError, LrflowError
+from flows.features import FeaturePlan, Summary
+from lr_kernel import FusedLoss, GridFitResult, Optimizer, loss_from_sums
 
-# Rows per Arrow batch a worker decodes at a time while reading its row groups.
-WORKER_BATCH_ROWS = 1 << 18
 # How often the driver checks that the shards' workers are still there while it waits.
 LIVENESS_SECONDS = 1.0
 
@@ -45,109 +39,126 @@ class WorkerLostError(LrflowError):
     """A Dask worker holding a shard left the cluster: the shard, and the run, are lost."""
 
 
-Piece = tuple[str, list[int]]  # a file and some of its row groups
-
-
-def split_row_groups(files: tuple[Path, ...], n_shards: int) -> list[list[Piece]]:
-    """Contiguous runs of row groups, in input order, of about equal row counts.
-
-    Returns one list of ``(file, row groups)`` per non-empty shard.
-    """
-    groups = []  # (file, row group, rows)
-    for path in files:
-        metadata = pq.read_metadata(path)
-        groups += [
-            (str(path), g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)
-        ]
-    total = sum(rows for _, _, rows in groups) or 1
+def split_pieces(pieces: list[Piece], n_shards: int) -> list[list[Piece]]:
+    """Contiguous runs of pieces, in input order, of about equal row counts (none empty)."""
+    total = sum(p.n_rows for p in pieces) or 1
     shards: list[list[Piece]] = [[] for _ in range(n_shards)]
     before = 0
-    for path, group, rows in groups:
-        # The shard whose share of the rows this group starts in.
-        shard = shards[min(n_shards - 1, before * n_shards // total)]
-        if shard and shard[-1][0] == path:
-            shard[-1][1].append(group)
-        else:
-            shard.append((path, [group]))
-        before += rows
+    for piece in pieces:
+        # The shard whose share of the rows this piece starts in.
+        shards[min(n_shards - 1, before * n_shards // total)].append(piece)
+        before += piece.n_rows
     return [shard for shard in shards if shard]
 
 
-@dataclass
-class _RawShard:
-    """On a worker: its rows as read, before the statistics are known."""
-
-    frame: pl.DataFrame
-    summary: ValueSummary
+def _summarize_shard(pieces: list[Piece], prep: Preparation) -> tuple[Summary, Summary]:
+    train, held_out = Summary(), Summary()
+    for piece in pieces:
+        piece_train, piece_held_out = summarize_piece(piece, prep)
+        train.merge(piece_train, prep.max_levels)
+        held_out.merge(piece_held_out, prep.max_levels)
+    return train, held_out
 
 
 @dataclass
 class _Shard:
-    """On a worker: the standardized shard and the fused loss over it."""
+    """On a worker: its training and held-out rows through the plan."""
 
-    loss: FusedLoss
-    X: np.ndarray = field(repr=False)
-    Y: np.ndarray = field(repr=False)
-
-
-def _read_shard(plan: InputPlan, pieces: list[Piece]) -> _RawShard:
-    frames, summary = [], ValueSummary.empty(len(plan.features))
-    for path, groups in pieces:
-        for frame in iter_batches(plan, Path(path), WORKER_BATCH_ROWS, row_groups=groups):
-            summary.merge(summarize(frame, plan, Path(path)))
-            frames.append(frame)
-    return _RawShard(frame=pl.concat(frames, rechunk=False), summary=summary)
+    parts: dict[str, Rows] = field(repr=False)
+    weight_sums: dict[str, float]
+    losses: dict[str, FusedLoss] = field(default_factory=dict, repr=False)
 
 
-def _shard_summary(raw: _RawShard) -> ValueSummary:
-    return raw.summary
+def _build_shard(pieces: list[Piece], plan: FeaturePlan, prep: Preparation) -> _Shard:
+    blocks: dict[bool, list[Any]] = {False: [], True: []}
+    for piece in pieces:
+        for is_held_out, block in piece_blocks(piece, plan, prep):
+            blocks[is_held_out].append(block)
+    parts, sums = {}, {}
+    for is_held_out, name in ((False, "train"), (True, "validation")):
+        found = blocks[is_held_out]
+        if not found:
+            continue
+        X = np.concatenate([b.X for b in found], axis=1)  # (n, m_shard), C order
+        Y = np.concatenate([b.Y for b in found], axis=1)
+        weight = None if found[0].weight is None else np.concatenate([b.weight for b in found], 1)
+        parts[name] = Rows(X, Y, weight)
+        sums[name] = float(X.shape[1]) if weight is None else math.fsum(weight[0])
+    return _Shard(parts=parts, weight_sums=sums)
 
 
-def _build_shard(
-    raw: _RawShard,
-    plan: InputPlan,
-    mapping: LabelMapping,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    dtype: str,
-) -> _Shard:
-    X, Y = kernel_arrays(raw.frame, plan, mapping, mean, scale, np.dtype(dtype))
-    return _Shard(loss=FusedLoss(X, Y), X=X, Y=Y)
+def _shard_sums(shard: _Shard, part: str, w: np.ndarray, b: float) -> Any:
+    rows = shard.parts.get(part)
+    if rows is None:
+        return None
+    if part not in shard.losses:  # built once, on the worker, at the first evaluation
+        shard.losses[part] = rows.loss()
+    return shard.losses[part].partial_sums(w, b)
 
 
-def _shard_sums(shard: _Shard, w: np.ndarray, b: float) -> tuple[float, np.ndarray, float]:
-    return shard.loss.partial_sums(w, b)
+def _shard_metrics(shard: _Shard, part: str, w: np.ndarray, b: float) -> Any:
+    rows = shard.parts.get(part)
+    if rows is None:
+        return None
+    return piece_sums(w.T @ rows.X + b, rows.Y, rows.weight)
 
 
-def _shard_metrics(shard: _Shard, w: np.ndarray, b: float) -> dict[str, Any]:
-    return piece_sums(w.T @ shard.X + b, shard.Y)
+def _shard_weight_sums(shard: _Shard) -> dict[str, float]:
+    return shard.weight_sums
 
 
 @dataclass
 class DaskData:
-    """A training set sharded over Dask workers: what the flow needs besides ``X`` and ``Y``."""
+    """:class:`flows.backends.TrainingData` sharded over Dask workers."""
 
-    features: tuple[str, ...]
-    label: str
-    label_mapping: LabelMapping
-    mean: np.ndarray
-    scale: np.ndarray
-    standardized: bool
+    plan: FeaturePlan
     files: tuple[Path, ...]
+    validation_files: tuple[Path, ...]
     fingerprint: str
     n_examples: int
+    n_validation: int
+    weight_sums: dict[str, float]
     dtype: np.dtype
     client: Any = field(repr=False)
     shards: list[Any] = field(repr=False)  # futures of _Shard, in shard order
     workers: list[str] = field(repr=False)  # the worker holding each shard
     owned: list[Any] = field(default_factory=list, repr=False)  # closed by close()
-    validation: None = None  # held-out data needs the memory backend
+    backend: str = "dask"
 
-    def loss(self, n_threads: int = 1) -> "DaskLoss":
-        return DaskLoss(self)
+    def loss(self, n_threads: int = 1, engine: str = "auto") -> "DaskLoss":
+        return DaskLoss(self, "train")
 
-    def train_metrics(self, w: np.ndarray, b: float) -> dict[str, float]:
-        return merge_metrics(self._map(_shard_metrics, w, b))
+    def validation_loss(self) -> "DaskLoss | None":
+        return DaskLoss(self, "validation") if self.n_validation else None
+
+    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
+        metrics = {}
+        for part in ("train", "validation"):
+            if part == "validation" and not self.n_validation:
+                continue
+            found = [p for p in self._map(_shard_metrics, part, w, b) if p is not None]
+            metrics[part] = merge_metrics(found)
+        return metrics
+
+    def fit_candidates(
+        self,
+        l2: Sequence[float],
+        learning_rate: Sequence[float] | None,
+        *,
+        iterations: int,
+        tol: float,
+        optimizer: Optimizer,
+        n_threads: int,
+    ) -> GridFitResult:
+        return fit_one_by_one(
+            self.loss(), l2, learning_rate, iterations=iterations, tol=tol, optimizer=optimizer
+        )
+
+    def stable_learning_rate(self, l2: float) -> float:
+        raise DataError("--learning-rate auto needs the memory backend; give a number")
+
+    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
+        return threads, "auto"  # one loss per shard, each choosing its engine
 
     def close(self) -> None:
         """Release the shards; stop the client and the cluster if this run started them."""
@@ -187,37 +198,39 @@ class DaskData:
 class DaskLoss:
     """A :class:`lr_kernel.LossFunction` whose sums come from the shards' workers."""
 
-    def __init__(self, data: DaskData) -> None:
+    def __init__(self, data: DaskData, part: str) -> None:
         self._data = data
+        self._part = part
 
     @property
     def n_features(self) -> int:
-        return len(self._data.features)
+        return self._data.plan.n_terms
 
     @property
     def dtype(self) -> np.dtype:
         return self._data.dtype
 
     def __call__(self, w: np.ndarray, b: float, l2: float = 0.0) -> tuple[float, np.ndarray, float]:
-        parts = self._data._map(_shard_sums, w, float(b))
+        found = self._data._map(_shard_sums, self._part, w, float(b))
+        parts = [p for p in found if p is not None]
         # Shard order, whatever order the workers finished in: reproducible bits.
         dw_sum = parts[0][1].copy()
         for part in parts[1:]:
             dw_sum += part[1]
         loss_sum = math.fsum(p[0] for p in parts)
         db_sum = math.fsum(p[2] for p in parts)
-        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self._data.n_examples, self.dtype)
+        weight_sum = self._data.weight_sums[self._part]
+        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, weight_sum, self.dtype)
 
 
 def open_dask(
     plan: InputPlan,
+    validation: InputPlan | None,
+    prep: Preparation,
     *,
     address: str | None = None,
     n_workers: int = 2,
     client: Any = None,
-    standardize: bool = True,
-    dtype: str = "float64",
-    positive_label: str | None = None,
 ) -> DaskData:
     """Shard the input over a Dask cluster: ``client``, else ``address``, else a new LocalCluster.
 
@@ -240,39 +253,41 @@ def open_dask(
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
         if not workers:
             raise LrflowError(f"the dask cluster at {client.scheduler.address} has no workers")
-        pieces = split_row_groups(plan.files, len(workers))
-        workers = workers[: len(pieces)]
+        pieces = pieces_of(plan, validation, prep.validation_fraction, row_group_pieces)
+        shares = split_pieces(pieces, len(workers))
+        workers = workers[: len(shares)]
 
         def on(worker: str, function: Any, *args: Any) -> Any:
             return client.submit(function, *args, workers=[worker], pure=False)
 
-        raws = [
-            on(worker, _read_shard, plan, own) for worker, own in zip(workers, pieces, strict=True)
-        ]
         summaries = client.gather(
-            [on(w, _shard_summary, raw) for w, raw in zip(workers, raws, strict=True)]
+            [on(w, _summarize_shard, own, prep) for w, own in zip(workers, shares, strict=True)]
         )
-        summary = ValueSummary.empty(len(plan.features))
-        for part in summaries:  # shard order: the same statistics every run
-            summary.merge(part)
-        mapping, mean, scale = finish_summary(plan, summary, positive_label, standardize)
+        # Shard order: the same plan every run.
+        feature_plan, train, held_out = learn(
+            prep, [s[0] for s in summaries], [s[1] for s in summaries]
+        )
         shards = [
-            on(worker, _build_shard, raw, plan, mapping, mean, scale, dtype)
-            for worker, raw in zip(workers, raws, strict=True)
+            on(worker, _build_shard, own, feature_plan, prep)
+            for worker, own in zip(workers, shares, strict=True)
         ]
         client.gather(shards)  # errors surface here, not in the first iteration
-        del raws  # the raw frames are freed once their shards are built
+        sums = client.gather(
+            [on(w, _shard_weight_sums, s) for w, s in zip(workers, shards, strict=True)]
+        )
+        weight_sums = {
+            part: math.fsum(s.get(part, 0.0) for s in sums) for part in ("train", "validation")
+        }
+        files = plan.files + (() if validation is None else validation.files)
         return DaskData(
-            features=plan.features,
-            label=plan.label,
-            label_mapping=mapping,
-            mean=mean,
-            scale=scale,
-            standardized=standardize,
+            plan=feature_plan,
             files=plan.files,
-            fingerprint=fingerprint(plan.files),
-            n_examples=summary.rows,
-            dtype=np.dtype(dtype),
+            validation_files=() if validation is None else validation.files,
+            fingerprint=fingerprint(files),
+            n_examples=train.rows,
+            n_validation=held_out.rows,
+            weight_sums=weight_sums,
+            dtype=np.dtype(prep.dtype),
             client=client,
             shards=shards,
             workers=workers,

@@ -1,89 +1,118 @@
-"""Out of core on one machine: a column-stacked on-disk cache streamed through the fused kernel.
+"""Out of core on one machine: column-stacked on-disk caches streamed through the fused kernel.
 
-The cache is one ``.npy`` file of shape ``(n_features + 1, n_examples)`` in the
-training dtype: rows ``0..n-1`` are the standardized ``X``, row ``n`` is ``Y``,
-each row contiguous on disk as in memory. It is built in one pass over the
-Parquet input (after a first pass that validates and takes the moments),
-written under a temporary name and renamed, and reused while the input's
-fingerprint and the config that shaped it are unchanged.
+Each cache (training rows, and held-out rows if any) is one ``.npy`` file of
+shape ``(n_terms + 1, m)``, or ``(n_terms + 2, m)`` with row weights, in the
+training dtype: rows ``0..n-1`` are ``X`` as the feature plan makes it, row
+``n`` is ``Y``, row ``n + 1`` the weights; each row contiguous on disk as in
+memory. They are built by the two passes every backend makes
+(:mod:`flows.backends.passes`), written under a temporary name and renamed,
+and reused while the input's fingerprint and the config that shaped them are
+unchanged.
 
 Memory is bounded by explicit reads (``os.preadv``) into two reused buffers,
 never a memory map: pages of a map that were touched count towards the
 process's resident memory, so a map of the cache would grow to the file's size.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from flows.backends.pieces import (
-    ValueSummary,
-    finish_summary,
-    iter_batches,
-    kernel_arrays,
-    merge_metrics,
-    piece_sums,
-    summarize,
-)
-from flows.dataset import InputPlan, LabelMapping, fingerprint
-from lr_kernel import FusedLoss, loss_from_sums
+from flows.backends import fit_one_by_one
+from flows.backends.partial_metrics import merge_metrics, piece_sums
+from flows.backends.passes import Preparation, learn, piece_blocks, pieces_of, summarize_piece
+from flows.dataset import InputPlan, file_pieces, fingerprint
+from flows.errors import DataError
+from flows.features import FeaturePlan
+from lr_kernel import FusedLoss, GridFitResult, Optimizer, loss_from_sums
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Shares of the memory budget: the two read buffers of training, and one
 # Parquet batch during conversion (the batch exists ~4 times over: Arrow,
-# float64 features, deviations or the dtype copy). The rest is headroom for the
-# allocator and the libraries' own working memory.
+# float64 features, the split's copies, the block). The rest is headroom for
+# the allocator and the libraries' own working memory.
 BUFFERS_SHARE = 4
 BATCH_SHARE = 16
+PARTS = {False: "train", True: "validation"}
 
 
 @dataclass(frozen=True)
 class StreamData:
-    """A training set held in a stream cache: what the flow needs besides ``X`` and ``Y``.
+    """:class:`flows.backends.TrainingData` held in stream caches; :meth:`loss` streams them."""
 
-    The same attributes as :class:`flows.dataset.Dataset` minus the matrices,
-    plus the cache's location; :meth:`loss` streams the matrices.
-    """
-
-    features: tuple[str, ...]
-    label: str
-    label_mapping: LabelMapping
-    mean: np.ndarray
-    scale: np.ndarray
-    standardized: bool
+    plan: FeaturePlan
     files: tuple[Path, ...]
+    validation_files: tuple[Path, ...]
     fingerprint: str
     n_examples: int
+    n_validation: int
+    weight_sums: dict[str, float]
     dtype: np.dtype
     path: Path
     memory_budget: int
     cleanup: bool = False
-    validation: None = None  # held-out data needs the memory backend
+    backend: str = "stream"
 
-    def loss(self, n_threads: int = 1) -> "StreamLoss":
+    def _loss(self, part: str, n_threads: int = 1) -> "StreamLoss":
         return StreamLoss(
-            self.path / "XY.npy",
-            n_features=len(self.features),
-            n_examples=self.n_examples,
+            self.path / f"{part}.npy",
+            n_features=self.plan.n_terms,
+            n_examples=self.n_examples if part == "train" else self.n_validation,
+            weighted=self.plan.weighted,
+            weight_sum=self.weight_sums[part],
             dtype=self.dtype,
-            chunk_examples=chunk_examples(len(self.features), self.dtype, self.memory_budget),
+            chunk_examples=chunk_examples(self.plan.n_terms, self.dtype, self.memory_budget),
             n_threads=n_threads,
         )
 
-    def train_metrics(self, w: np.ndarray, b: float) -> dict[str, float]:
-        """:func:`lr_kernel.metrics.binary_metrics` over the whole cache, chunk by chunk."""
-        with self.loss() as source:
-            parts = [piece_sums(w.T @ X + b, Y) for X, Y in source.chunks()]
-        return merge_metrics(parts)
+    def loss(self, n_threads: int = 1, engine: str = "auto") -> "StreamLoss":
+        return self._loss("train", n_threads)
+
+    def validation_loss(self) -> "StreamLoss | None":
+        return self._loss("validation") if self.n_validation else None
+
+    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
+        """:func:`lr_kernel.metrics.binary_metrics` over each cache, chunk by chunk."""
+        metrics = {}
+        for part in ("train", "validation"):
+            if part == "validation" and not self.n_validation:
+                continue
+            with self._loss(part) as source:
+                parts = [piece_sums(w.T @ X + b, Y, s) for X, Y, s in source.chunks()]
+            metrics[part] = merge_metrics(parts)
+        return metrics
+
+    def fit_candidates(
+        self,
+        l2: Sequence[float],
+        learning_rate: Sequence[float] | None,
+        *,
+        iterations: int,
+        tol: float,
+        optimizer: Optimizer,
+        n_threads: int,
+    ) -> GridFitResult:
+        with self.loss(n_threads) as loss:
+            return fit_one_by_one(
+                loss, l2, learning_rate, iterations=iterations, tol=tol, optimizer=optimizer
+            )
+
+    def stable_learning_rate(self, l2: float) -> float:
+        raise DataError("--learning-rate auto needs the memory backend; give a number")
+
+    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
+        return threads, "auto"  # one loss per chunk, each choosing its engine
 
     def close(self) -> None:
         """Delete the cache when the run asked for it (``--cleanup-cache``)."""
@@ -92,110 +121,113 @@ class StreamData:
 
 
 def chunk_examples(n_features: int, dtype: np.dtype, memory_budget: int) -> int:
-    """Examples per streamed chunk: two buffers of ``(n + 1, chunk)`` in a quarter of the budget."""
-    per_example = 2 * (n_features + 1) * np.dtype(dtype).itemsize
+    """Examples per streamed chunk: two buffers of ``(n + 2, chunk)`` in a quarter of the budget."""
+    per_example = 2 * (n_features + 2) * np.dtype(dtype).itemsize
     return max(1024, memory_budget // BUFFERS_SHARE // per_example)
 
 
 def open_stream(
     plan: InputPlan,
+    validation: InputPlan | None,
+    prep: Preparation,
     *,
     cache_root: Path,
     memory_budget: int,
-    standardize: bool = True,
-    dtype: str = "float64",
-    positive_label: str | None = None,
     cleanup: bool = False,
 ) -> StreamData:
     """The stream cache for this input and config: reused when present, else built."""
-    digest = fingerprint(plan.files)
-    key = _cache_key(plan, digest, standardize, dtype, positive_label)
+    files = plan.files + (() if validation is None else validation.files)
+    digest = fingerprint(files)
+    key = hashlib.blake2b(
+        json.dumps([CACHE_FORMAT, digest, dataclasses.asdict(prep)], default=str).encode(),
+        digest_size=16,
+    ).hexdigest()
     path = cache_root / key
     if not (path / "meta.json").is_file():
-        _build_cache(plan, path, memory_budget, standardize, dtype, positive_label, digest)
+        _build_cache(plan, validation, prep, path, memory_budget)
     meta = json.loads((path / "meta.json").read_text())
-    mapping = LabelMapping(**meta["label_mapping"])
     return StreamData(
-        features=plan.features,
-        label=plan.label,
-        label_mapping=mapping,
-        mean=np.array(meta["mean"], dtype=np.float64),
-        scale=np.array(meta["scale"], dtype=np.float64),
-        standardized=standardize,
+        plan=FeaturePlan.from_json(meta["plan"]),
         files=plan.files,
+        validation_files=() if validation is None else validation.files,
         fingerprint=digest,
-        n_examples=meta["n_examples"],
-        dtype=np.dtype(dtype),
+        n_examples=meta["n_examples"]["train"],
+        n_validation=meta["n_examples"]["validation"],
+        weight_sums=meta["weight_sums"],
+        dtype=np.dtype(prep.dtype),
         path=path,
         memory_budget=memory_budget,
         cleanup=cleanup,
     )
 
 
-def _cache_key(
-    plan: InputPlan, digest: str, standardize: bool, dtype: str, positive_label: str | None
-) -> str:
-    shape = [CACHE_FORMAT, digest, plan.features, plan.label, standardize, dtype, positive_label]
-    return hashlib.blake2b(json.dumps(shape).encode(), digest_size=16).hexdigest()
-
-
 def _build_cache(
     plan: InputPlan,
+    validation: InputPlan | None,
+    prep: Preparation,
     path: Path,
     memory_budget: int,
-    standardize: bool,
-    dtype: str,
-    positive_label: str | None,
-    digest: str,
 ) -> None:
-    """Two passes over the Parquet input: checks and moments, then the cache rows."""
-    n = len(plan.features)
-    batch_rows = max(1024, memory_budget // BATCH_SHARE // ((n + 1) * 8))
-    summary = ValueSummary.empty(n)
-    for file in plan.files:
-        for frame in iter_batches(plan, file, batch_rows):
-            summary.merge(summarize(frame, plan, file))
-    mapping, mean, scale = finish_summary(plan, summary, positive_label, standardize)
-    m = summary.rows
-    target = np.dtype(dtype)
+    """The two passes over the Parquet input: summaries and the plan, then the cache rows."""
+    batch_rows = prep.batch_rows(memory_budget // BATCH_SHARE)
+    pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
+    summaries = [summarize_piece(piece, prep, batch_rows) for piece in pieces]
+    feature_plan, train, held_out = learn(
+        prep, [s[0] for s in summaries], [s[1] for s in summaries]
+    )
+    sizes = {False: train.rows, True: held_out.rows}
+    n = feature_plan.n_terms
+    height = n + 1 + feature_plan.weighted
+    target = np.dtype(prep.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Built in a hidden sibling, then renamed whole: a reader sees all of it or none.
     building = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     building.mkdir()
     try:
-        with (building / "XY.npy").open("wb") as handle:
+        handles, offsets = {}, {}
+        for part, m in sizes.items():
+            handle = (building / f"{PARTS[part]}.npy").open("wb")
             header = {
                 "descr": np.lib.format.dtype_to_descr(target),
                 "fortran_order": False,
-                "shape": (n + 1, m),
+                "shape": (height, m),
             }
             np.lib.format.write_array_header_1_0(handle, header)
-            offset = handle.tell()
-            handle.truncate(offset + (n + 1) * m * target.itemsize)
-            fd = handle.fileno()
-            start = 0
-            for file in plan.files:
-                for frame in iter_batches(plan, file, batch_rows):
-                    X, Y = kernel_arrays(frame, plan, mapping, mean, scale, target)
-                    for j, row in enumerate([*X, Y[0]]):  # row j of (n + 1, m) at [start, start+k)
-                        _write_all(fd, row, offset + (j * m + start) * target.itemsize)
-                    start += frame.height
-            handle.flush()
-            os.fsync(fd)
-        meta = {
+            offsets[part] = handle.tell()
+            handle.truncate(offsets[part] + height * m * target.itemsize)
+            handles[part] = handle
+        weight_sums = {False: 0.0, True: 0.0}
+        start = {False: 0, True: 0}
+        try:
+            for piece in pieces:
+                for part, block in piece_blocks(piece, feature_plan, prep, batch_rows=batch_rows):
+                    assert block.Y is not None
+                    m, k = sizes[part], block.X.shape[1]
+                    rows = [*block.X, block.Y[0]]
+                    if block.weight is not None:
+                        rows.append(block.weight[0].astype(target))
+                        weight_sums[part] += math.fsum(block.weight[0])
+                    fd = handles[part].fileno()
+                    for j, row in enumerate(rows):  # row j of (height, m) at [start, start + k)
+                        _write_all(fd, row, offsets[part] + (j * m + start[part]) * target.itemsize)
+                    start[part] += k
+            for handle in handles.values():
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            for handle in handles.values():
+                handle.close()
+        if not feature_plan.weighted:
+            weight_sums = {part: float(m) for part, m in sizes.items()}
+        meta: dict[str, Any] = {
             "format": CACHE_FORMAT,
-            "input_fingerprint": digest,
             "input_files": [str(p) for p in plan.files],
-            "features": list(plan.features),
-            "label": plan.label,
-            "label_mapping": mapping.to_json(),
-            "standardized": standardize,
-            "dtype": dtype,
-            "n_examples": m,
-            "mean": mean.tolist(),
-            "scale": scale.tolist(),
+            "plan": feature_plan.to_json(),
+            "dtype": prep.dtype,
+            "n_examples": {PARTS[part]: m for part, m in sizes.items()},
+            "weight_sums": {PARTS[part]: total for part, total in weight_sums.items()},
         }
-        (building / "meta.json").write_text(json.dumps(meta))
+        (building / "meta.json").write_text(json.dumps(meta, default=str))
         try:
             os.rename(building, path)
         except OSError:
@@ -216,7 +248,7 @@ class StreamLoss:
     """A :class:`lr_kernel.LossFunction` over a stream cache, read in chunks each call.
 
     Each chunk of ``chunk_examples`` columns is read into one of two reused
-    buffers of shape ``(n_features + 1, chunk_examples)`` while the other is
+    buffers of shape ``(n_features + 1 [+ 1], chunk_examples)`` while the other is
     summed by a :class:`lr_kernel.FusedLoss` (reads release the GIL, so disk
     or page cache and arithmetic overlap). Chunk sums are added in chunk order
     and finished by :func:`lr_kernel.loss_from_sums`, as the in-memory loss is.
@@ -230,10 +262,15 @@ class StreamLoss:
         n_examples: int,
         dtype: np.dtype,
         chunk_examples: int,
+        weighted: bool = False,
+        weight_sum: float | None = None,
         n_threads: int = 1,
     ) -> None:
         self._n = n_features
         self._m = n_examples
+        self._weighted = weighted
+        self._height = n_features + 1 + weighted
+        self._weight_sum = float(n_examples if weight_sum is None else weight_sum)
         self._dtype = np.dtype(dtype)
         self._n_threads = n_threads
         chunk = min(chunk_examples, n_examples)
@@ -243,10 +280,10 @@ class StreamLoss:
             np.lib.format.read_magic(handle)
             shape, _, descr = np.lib.format.read_array_header_1_0(handle)
             self._offset = handle.tell()
-        expected = (n_features + 1, n_examples)
+        expected = (self._height, n_examples)
         if shape != expected or descr != self._dtype:
             raise ValueError(f"{path}: cache holds {shape} {descr}, not {expected} {self._dtype}")
-        self._buffers = [np.empty((n_features + 1, chunk), self._dtype) for _ in range(2)]
+        self._buffers = [np.empty((self._height, chunk), self._dtype) for _ in range(2)]
         self._losses: dict[tuple[int, int], FusedLoss] = {}
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrflow-read")
 
@@ -258,14 +295,14 @@ class StreamLoss:
     def dtype(self) -> np.dtype:
         return self._dtype
 
-    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(X, Y)`` views of shapes ``(n, k)`` and ``(1, k)`` for each chunk, in order.
-
-        A view is overwritten once the next one is requested.
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """``(X, Y, weight)`` views of shapes ``(n, k)``, ``(1, k)`` and ``(1, k)`` (or None)
+        for each chunk, in order. A view is overwritten once the next one is requested.
         """
         for index, k in self._buffer_order():
             buffer = self._buffers[index]
-            yield buffer[: self._n, :k], buffer[self._n :, :k]
+            weight = buffer[self._n + 1 :, :k] if self._weighted else None
+            yield buffer[: self._n, :k], buffer[self._n : self._n + 1, :k], weight
 
     def partial_sums(self, w: np.ndarray, b: float) -> tuple[float, np.ndarray, float]:
         losses, dbs = [], []
@@ -279,7 +316,7 @@ class StreamLoss:
 
     def __call__(self, w: np.ndarray, b: float, l2: float = 0.0) -> tuple[float, np.ndarray, float]:
         loss_sum, dw_sum, db_sum = self.partial_sums(w, b)
-        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self._m, self._dtype)
+        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self._weight_sum, self._dtype)
 
     def close(self) -> None:
         self._reader.shutdown(wait=True)
@@ -306,7 +343,7 @@ class StreamLoss:
 
     def _read(self, index: int, start: int, stop: int) -> None:
         buffer, itemsize = self._buffers[index], self._dtype.itemsize
-        for j in range(self._n + 1):
+        for j in range(self._height):
             view = memoryview(buffer[j, : stop - start]).cast("B")
             offset = self._offset + (j * self._m + start) * itemsize
             while view:
@@ -319,7 +356,11 @@ class StreamLoss:
         key = (index, k)
         if key not in self._losses:
             buffer = self._buffers[index]
+            weight = {"sample_weight": buffer[self._n + 1 :, :k]} if self._weighted else {}
             self._losses[key] = FusedLoss(
-                buffer[: self._n, :k], buffer[self._n :, :k], n_threads=self._n_threads
+                buffer[: self._n, :k],
+                buffer[self._n : self._n + 1, :k],
+                n_threads=self._n_threads,
+                **weight,
             )
         return self._losses[key]

@@ -1,0 +1,158 @@
+"""In memory: the whole matrix ``X`` (and the held-out rows' own) built batch by batch."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.backends.passes import Preparation, learn, piece_blocks, pieces_of, summarize_piece
+from flows.dataset import InputPlan, file_pieces, fingerprint
+from flows.features import FeaturePlan
+from lr_kernel import FusedLoss, GridFitResult, Optimizer, default_block_size, fit_many
+from lr_kernel.loss import resolve_engine
+from lr_kernel.metrics import binary_metrics
+from lr_kernel.stepsize import stable_learning_rate
+
+
+def weighted(weight: np.ndarray | None) -> dict[str, Any]:
+    """The kernel's ``sample_weight`` argument, only when there are weights."""
+    return {} if weight is None else {"sample_weight": weight}
+
+
+@dataclass
+class Rows:
+    """Column-stacked rows: ``X`` ``(n_terms, m)``, ``Y`` and ``weight`` ``(1, m)`` (or None)."""
+
+    X: np.ndarray = field(repr=False)
+    Y: np.ndarray = field(repr=False)
+    weight: np.ndarray | None = field(repr=False)
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.X.shape[1])
+
+    def loss(self, **kernel: Any) -> FusedLoss:
+        return FusedLoss(self.X, self.Y, **weighted(self.weight), **kernel)
+
+    def metrics(self, w: np.ndarray, b: float) -> dict[str, float]:
+        Z = w.T @ self.X + b  # (1, m), one pass for the metrics
+        return binary_metrics(Z, self.Y, **weighted(self.weight))
+
+
+@dataclass
+class MemoryData:
+    """:class:`flows.backends.TrainingData` held in memory."""
+
+    plan: FeaturePlan
+    files: tuple[Path, ...]
+    validation_files: tuple[Path, ...]
+    fingerprint: str
+    train: Rows
+    held_out: Rows | None
+    backend: str = "memory"
+
+    @property
+    def n_examples(self) -> int:
+        return self.train.n_examples
+
+    @property
+    def n_validation(self) -> int:
+        return 0 if self.held_out is None else self.held_out.n_examples
+
+    def loss(self, n_threads: int = 1, engine: str = "auto") -> FusedLoss:
+        return self.train.loss(n_threads=n_threads, engine=engine)
+
+    def validation_loss(self) -> FusedLoss | None:
+        return None if self.held_out is None else self.held_out.loss()
+
+    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
+        metrics = {"train": self.train.metrics(w, b)}
+        if self.held_out is not None:
+            metrics["validation"] = self.held_out.metrics(w, b)
+        return metrics
+
+    def fit_candidates(
+        self,
+        l2: Sequence[float],
+        learning_rate: Sequence[float] | None,
+        *,
+        iterations: int,
+        tol: float,
+        optimizer: Optimizer,
+        n_threads: int,
+    ) -> GridFitResult:
+        return fit_many(
+            self.train.X,
+            self.train.Y,
+            l2=list(l2),
+            learning_rate=None if learning_rate is None else list(learning_rate),
+            iterations=iterations,
+            tol=tol,
+            optimizer=optimizer,
+            n_threads=n_threads,
+            **weighted(self.train.weight),
+        )
+
+    def stable_learning_rate(self, l2: float) -> float:
+        return stable_learning_rate(self.train.X, l2, **weighted(self.train.weight))
+
+    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
+        n, m = self.train.X.shape
+        if m <= default_block_size(n, self.train.X.dtype):
+            threads = 1  # one block of examples: nothing to share between threads
+        return threads, resolve_engine(engine, self.train.X, threads)
+
+    def close(self) -> None:
+        """Nothing to release: the arrays go with the object."""
+
+
+def open_memory(plan: InputPlan, validation: InputPlan | None, prep: Preparation) -> MemoryData:
+    """Two passes over the files: the summaries and the plan, then ``X`` filled batch by batch.
+
+    The peak is the matrices plus one batch: each block is written straight
+    into its columns of ``X``.
+    """
+    pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
+    summaries = [summarize_piece(piece, prep) for piece in pieces]
+    feature_plan, train, held_out = learn(
+        prep, [s[0] for s in summaries], [s[1] for s in summaries]
+    )
+    sizes = {False: train.rows, True: held_out.rows}
+    n, dtype = feature_plan.n_terms, np.dtype(prep.dtype)
+    X = {part: np.empty((n, size), dtype=dtype) for part, size in sizes.items()}  # (n, m)
+    Y = {part: np.empty((1, size), dtype=dtype) for part, size in sizes.items()}  # (1, m)
+    weight = (
+        {part: np.empty((1, size)) for part, size in sizes.items()}
+        if feature_plan.weighted
+        else None
+    )
+    filled = {False: 0, True: 0}
+
+    def target(is_held_out: bool, k: int) -> np.ndarray:
+        start = filled[is_held_out]
+        return X[is_held_out][:, start : start + k]
+
+    for piece in pieces:
+        for is_held_out, block in piece_blocks(piece, feature_plan, prep, target):
+            start = filled[is_held_out]
+            k = block.X.shape[1]
+            assert block.Y is not None
+            Y[is_held_out][:, start : start + k] = block.Y
+            if weight is not None and block.weight is not None:
+                weight[is_held_out][:, start : start + k] = block.weight
+            filled[is_held_out] = start + k
+
+    def rows(part: bool) -> Rows:
+        return Rows(X[part], Y[part], None if weight is None else weight[part])
+
+    files = plan.files
+    return MemoryData(
+        plan=feature_plan,
+        files=files,
+        validation_files=() if validation is None else validation.files,
+        fingerprint=fingerprint(files + (() if validation is None else validation.files)),
+        train=rows(False),
+        held_out=rows(True) if sizes[True] else None,
+    )

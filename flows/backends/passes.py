@@ -1,0 +1,161 @@
+"""The two passes every backend makes over its rows: summaries, then blocks through the plan.
+
+A backend only decides where its pieces of the input are read (all in this
+process, in a stream, or on Dask workers) and where the blocks go (a matrix in
+memory, a cache on disk, a worker's shard). What a row becomes is decided here
+and in :mod:`flows.features`, for every backend alike.
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from flows.config import TrainConfig
+from flows.dataset import InputPlan, Piece, held_out, iter_batches
+from flows.errors import DataError
+from flows.features import (
+    Block,
+    ColumnChoice,
+    FeaturePlan,
+    MissingPolicy,
+    Summary,
+    apply_plan,
+    learn_plan,
+    summarize,
+)
+
+# Bytes of float64 values one batch of rows may take while it is summarized or applied.
+BATCH_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How a run's rows become a plan and blocks: the parts of the config that shape ``X``."""
+
+    choice: ColumnChoice
+    label_dtype: str
+    where: str
+    validation_fraction: float
+    seed: int
+    max_levels: int
+    missing: MissingPolicy
+    standardize: bool
+    positive_label: str | None
+    class_weight: str | None
+    dtype: str
+
+    @classmethod
+    def of(cls, config: TrainConfig, plan: InputPlan) -> "Preparation":
+        return cls(
+            choice=plan.choice,
+            label_dtype=plan.label_dtype,
+            where=str(plan.where),
+            validation_fraction=config.effective_validation_fraction,
+            seed=config.seed,
+            max_levels=config.max_levels,
+            missing=config.missing,
+            standardize=config.standardize,
+            positive_label=config.positive_label,
+            class_weight=config.class_weight,
+            dtype=config.dtype,
+        )
+
+    def batch_rows(self, budget: int = BATCH_BYTES) -> int:
+        """Rows per batch: the batch's float64 values within ``budget``."""
+        per_row = 8 * (len(self.choice.read) + 2)
+        return int(max(1024, min(1 << 20, budget // per_row)))
+
+
+def split(frame: pl.DataFrame, mask: np.ndarray | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The batch's training rows and held-out rows (``mask`` True), order kept."""
+    if mask is None:
+        return frame, frame.clear()
+    if mask.all():
+        return frame.clear(), frame
+    keep = pl.Series(mask)
+    return frame.filter(~keep), frame.filter(keep)
+
+
+def summarize_piece(
+    piece: Piece, prep: Preparation, batch_rows: int | None = None
+) -> tuple[Summary, Summary]:
+    """The summaries of a piece's training rows and of its held-out rows."""
+    train, validation = Summary(), Summary()
+    rows = batch_rows or prep.batch_rows()
+    for first, frame in iter_batches(piece, prep.choice.read, rows):
+        mask = held_out(piece.role, first, frame.height, prep.validation_fraction, prep.seed)
+        for total, part in zip((train, validation), split(frame, mask), strict=True):
+            if part.height:
+                total.merge(
+                    summarize(part, prep.choice, path=piece.path, max_levels=prep.max_levels),
+                    prep.max_levels,
+                )
+    return train, validation
+
+
+def learn(
+    prep: Preparation, train_parts: Iterable[Summary], validation_parts: Iterable[Summary]
+) -> tuple[FeaturePlan, Summary, Summary]:
+    """The plan from the pieces' summaries, merged in the order given (input order)."""
+    train = Summary.merged(train_parts, prep.max_levels)
+    validation = Summary.merged(validation_parts, prep.max_levels)
+    everything = Summary.merged([train, validation], prep.max_levels)
+    plan = learn_plan(
+        train,
+        everything,
+        prep.choice,
+        label_dtype=prep.label_dtype,
+        positive_label=prep.positive_label,
+        standardize=prep.standardize,
+        missing=prep.missing,
+        max_levels=prep.max_levels,
+        class_weight=prep.class_weight,
+        dtype=prep.dtype,
+        where=prep.where,
+    )
+    if prep.validation_fraction > 0 and validation.rows == 0:
+        raise DataError(
+            f"too few rows to hold out a validation fraction of {prep.validation_fraction:g}; "
+            "use 0 to disable validation",
+            path=prep.where,
+        )
+    return plan, train, validation
+
+
+Target = Callable[[bool, int], np.ndarray | None]
+
+
+def piece_blocks(
+    piece: Piece,
+    plan: FeaturePlan,
+    prep: Preparation,
+    target: Target | None = None,
+    batch_rows: int | None = None,
+) -> Iterator[tuple[bool, Block]]:
+    """``(held out?, block)`` for each batch of the piece, training rows first.
+
+    ``target(held_out, k)`` may give the ``(n_terms, k)`` array each block is
+    written into (a slice of the whole matrix), so no other copy is made.
+    """
+    rows = batch_rows or prep.batch_rows()
+    for first, frame in iter_batches(piece, prep.choice.read, rows):
+        mask = held_out(piece.role, first, frame.height, prep.validation_fraction, prep.seed)
+        for is_held_out, part in zip((False, True), split(frame, mask), strict=True):
+            if part.height:
+                out = None if target is None else target(is_held_out, part.height)
+                yield (
+                    is_held_out,
+                    apply_plan(plan, part, dtype=prep.dtype, path=piece.path, out=out),
+                )
+
+
+def pieces_of(
+    plan: InputPlan, validation: InputPlan | None, fraction: float, make: Callable[..., list[Piece]]
+) -> list[Piece]:
+    """The run's pieces: the training data (split by the seed, or not), then validation data."""
+    pieces = make(plan, "split" if fraction > 0 else "train")
+    if validation is not None:
+        pieces += make(validation, "validation")
+    return pieces
