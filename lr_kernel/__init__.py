@@ -7,12 +7,15 @@ Conventions
 - ``Y`` is ``(1, n_examples)`` of 0.0/1.0 in ``X``'s dtype.
 - ``w`` is ``(n_features, 1)``; ``b`` is a Python float. The intercept is never
   penalized.
+- ``sample_weight`` (optional) is ``(1, n_examples)``: row weights ``s``, finite,
+  >= 0; 1 each by default.
 - The objective, everywhere in the project::
 
-      J(w, b) = -(1/m) Σ_i [y_i log a_i + (1 - y_i) log(1 - a_i)] + (l2 / (2m)) ||w||²
-      a_i = sigmoid(wᵀ x_i + b)
+      J(w, b) = (Σ_i s_i ℓ_i + (l2 / 2) ||w||²) / Σ_i s_i
+      ℓ_i = -[y_i log a_i + (1 - y_i) log(1 - a_i)],   a_i = sigmoid(wᵀ x_i + b)
 
-  ``scikit-learn``'s ``LogisticRegression(C=1/l2)`` minimizes ``m`` times it.
+  ``scikit-learn``'s ``LogisticRegression(C=1/l2)`` fitted with
+  ``sample_weight=s`` minimizes ``Σs`` times it (``m`` times, unweighted).
 - Many models at once (:func:`fit_many`, or :func:`fit` given sequences of
   ``l2`` / learning rates): ``W`` is ``(n_features, K)``, column ``k`` is
   candidate ``k``, and ``b`` is ``(K,)``.

@@ -16,6 +16,9 @@ Per block of examples ``[s, e)``, with ``U = -Z``::
     dZ = sigmoid(Z) - Y                 from the same exp
     dw += Xb dZᵀ, db += Σ dZ           8 rows per sweep, Xb still in L2
 
+With row weights ``s``, ``l`` and ``dZ`` are multiplied by ``s`` in the same
+element-wise step (a loop of its own, so the unweighted one is unchanged).
+
 ``exp`` and ``log1p`` are written out here (range reduction and a polynomial,
 within 1 and 3 ulp of libm's over the whole range used) because LLVM vectorizes
 the loop only when no library call is left in it; with libm's scalar calls the
@@ -151,6 +154,21 @@ def _pointwise(u: Any, y: Any, s: int, k: int, losses: Any) -> None:
         u[j] = (1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj
 
 
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+def _pointwise_weighted(u: Any, y: Any, weights: Any, s: int, k: int, losses: Any) -> None:
+    """:func:`_pointwise` with row weights: ``losses = s ℓ`` and ``u`` becomes ``s (A - Y)``.
+
+    A loop of its own, so that the unweighted one stays as it was.
+    """
+    for j in range(k):
+        uj = u[j]
+        yj = y[s + j]
+        sj = weights[s + j]
+        ex = _exp_nonpositive(-uj if uj > 0.0 else uj)  # exp(-|U|), in (0, 1]
+        losses[j] = sj * ((uj if uj > 0.0 else 0.0) + _log1p_unit(ex) - (1.0 - yj) * uj)
+        u[j] = sj * ((1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj)
+
+
 @nb.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)
 def _sums(losses: Any, dz: Any, k: int) -> tuple[float, float]:
     """``Σ losses[:k]`` and ``Σ dz[:k]`` in float64 (vectorized, reassociated)."""
@@ -206,6 +224,8 @@ def _backward(X: Any, s: int, e: int, dz: Any, zero: Any, dw: Any) -> None:
 def share_sums(
     X: Any,
     y: Any,
+    weights: Any,
+    weighted: bool,
     neg_w: Any,
     b: float,
     start: int,
@@ -221,6 +241,8 @@ def share_sums(
     ----------
     X : C-contiguous ndarray (n, m), float32 or float64
     y : ndarray (m,), ``X``'s dtype
+    weights : ndarray (m,), ``X``'s dtype, the row weights; read only if ``weighted``
+    weighted : bool
     neg_w : ndarray (n,), ``X``'s dtype, ``-w``
     b : float
     start, stop : int, the examples of this share
@@ -232,7 +254,8 @@ def share_sums(
     Returns
     -------
     loss_sum, db_sum : float
-        ``Σ softplus(z) - y z`` and ``Σ dz`` over the share.
+        ``Σ s (softplus(z) - y z)`` and ``Σ dz`` over the share (``s = 1``
+        unless ``weighted``).
     """
     zero = u[0] * 0  # X's dtype (u has at least one element)
     loss_sum = 0.0
@@ -241,7 +264,10 @@ def share_sums(
         e = min(s + block, stop)
         k = e - s
         _forward(X, neg_w, b, s, e, u)
-        _pointwise(u, y, s, k, losses)
+        if weighted:
+            _pointwise_weighted(u, y, weights, s, k, losses)
+        else:
+            _pointwise(u, y, s, k, losses)
         block_loss, block_db = _sums(losses, u, k)
         loss_sum += block_loss
         db_sum += block_db

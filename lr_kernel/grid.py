@@ -60,6 +60,8 @@ class FusedLossMany(BlockedPass):
     n_models : int
         Most models per call (``K``); a call may pass fewer (e.g. only the
         candidates still training). Sizes the scratch.
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Row weights, as for :class:`~lr_kernel.FusedLoss`.
     block_size : int, optional
         Examples per block; default :func:`grid_block_size`.
     n_threads : int, default 1
@@ -80,6 +82,7 @@ class FusedLossMany(BlockedPass):
         Y: FloatArray,
         *,
         n_models: int,
+        sample_weight: FloatArray | None = None,
         block_size: int | None = None,
         n_threads: int = 1,
     ) -> None:
@@ -91,6 +94,7 @@ class FusedLossMany(BlockedPass):
             block_size,
             n_threads,
             lambda n, dtype: grid_block_size(n, n_models, dtype),
+            sample_weight,
         )
         self.n_models = n_models
         n, block = self.n_features, self.block_size
@@ -119,16 +123,16 @@ class FusedLossMany(BlockedPass):
         b : ndarray of shape (K,)
             Intercepts.
         l2 : ndarray of shape (K,)
-            Penalty strengths; model ``k``'s penalty is ``(l2[k] / (2m)) ||W[:, k]||²``.
+            Penalty strengths; model ``k``'s penalty is ``(l2[k] / (2 Σs)) ||W[:, k]||²``.
 
         Returns
         -------
         cost : ndarray of shape (K,), float64
         dW : ndarray of shape (n_features, K), ``X``'s dtype
-            ``(1/m) X dZᵀ + (l2/m) W``.
+            ``(X dZᵀ + l2 W) / Σs``.
         db : ndarray of shape (K,), float64
         """
-        n, m = self.X.shape
+        n = self.n_features
         K = W.shape[1]
         if W.shape[0] != n or not 1 <= K <= self.n_models:
             raise ValueError(f"W must have shape ({n}, K <= {self.n_models}), got {W.shape}")
@@ -143,15 +147,16 @@ class FusedLossMany(BlockedPass):
             db_sum += p[2]
         W64 = W.astype(np.float64, copy=False)
         l2_64 = np.asarray(l2, dtype=np.float64).reshape(K)
-        cost = (loss_sum + 0.5 * l2_64 * np.einsum("ij,ij->j", W64, W64)) / m  # (K,)
-        dW = dW_sum / m + (l2_64 / m) * W64  # (n, K)
-        return cost, dW.astype(self.dtype, copy=False), db_sum / m
+        total = self.weight_sum  # Σ s, m when unweighted
+        cost = (loss_sum + 0.5 * l2_64 * np.einsum("ij,ij->j", W64, W64)) / total  # (K,)
+        dW = dW_sum / total + (l2_64 / total) * W64  # (n, K)
+        return cost, dW.astype(self.dtype, copy=False), db_sum / total
 
     def _sum_blocks(
         self, share: int, neg_WT: FloatArray, b_column: FloatArray
     ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         """Unnormalized losses ``(K,)``, ``X dZᵀ`` ``(n, K)`` and ``Σ dZ`` ``(K,)`` of one share."""
-        X, y, cap = self.X, self.y, self._u_cap
+        X, y, weights, cap = self.X, self.y, self.s, self._u_cap
         n, m = X.shape
         K = neg_WT.shape[0]
         U_flat, V_flat, y_minus_1, gemm_flat, linear = self._scratch[share]
@@ -173,21 +178,30 @@ class FusedLossMany(BlockedPass):
             # Per example, softplus(Z) - Y Z = log(1 + exp(U)) + (Y - 1) U. The
             # linear part summed over the block is one GEMV, U (Y - 1)ᵀ, instead of
             # three passes over (K, k).
+            sb = None if weights is None else weights[start:stop]  # (k,)
             np.subtract(yb, 1.0, out=y_minus_1[:k])
+            if sb is not None:
+                y_minus_1[:k] *= sb  # s (Y - 1): the linear part's weights
             np.matmul(U, y_minus_1[:k], out=linear_out)  # (K,)
             loss_sum += linear_out
             if U.max() > cap:  # rare: some Z below -cap, an extreme score
                 # log(1 + exp(u)) = cap' + (u - cap) for u > cap, to rounding.
                 np.subtract(U, cap, out=V)
                 np.maximum(V, 0.0, out=V)
+                if sb is not None:
+                    V *= sb
                 loss_sum += V.sum(axis=1, dtype=np.float64)
                 np.minimum(U, cap, out=U)
             np.exp(U, out=U)
             U += 1.0  # 1 + exp(-Z), in [1, 1 + exp(cap)]: log and 1/U are safe
             np.log(U, out=V)
+            if sb is not None:
+                V *= sb
             loss_sum += V.sum(axis=1, dtype=np.float64)
             np.reciprocal(U, out=U)  # sigmoid(Z)
-            U -= yb  # dZ, (K, k)
+            U -= yb  # A - Y, (K, k)
+            if sb is not None:
+                U *= sb  # dZ = s ∘ (A - Y), in place
             db_sum += U.sum(axis=1, dtype=np.float64)
             np.matmul(Xb, U.T, out=gemm_out)  # (n, K), Xb is still in cache
             dW_sum += gemm_out
@@ -295,6 +309,7 @@ def fit_many(
     optimizer: Optimizer = "gd",
     block_size: int | None = None,
     n_threads: int = 1,
+    sample_weight: FloatArray | None = None,
 ) -> GridFitResult:
     """Train the grid of every ``l2`` times every learning rate, together on the same ``X``.
 
@@ -355,6 +370,7 @@ def fit_many(
             optimizer=optimizer,
             block_size=block_size,
             n_threads=n_threads,
+            sample_weight=sample_weight,
         )
 
     if K == 1 or optimizer == "lbfgs":
@@ -371,7 +387,9 @@ def fit_many(
         if w0.shape != (n, 1):
             raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
         W[:] = w0
-    loss = FusedLossMany(X, Y, n_models=K, block_size=block_size, n_threads=n_threads)
+    loss = FusedLossMany(
+        X, Y, n_models=K, sample_weight=sample_weight, block_size=block_size, n_threads=n_threads
+    )
     return _descent_many(loss, W, float(b0), l2_values, rates, iterations, tol, optimizer, callback)
 
 

@@ -141,6 +141,39 @@ def resolve_engine(engine: str, X: FloatArray, n_threads: int) -> Literal["numpy
     return "numpy"
 
 
+def check_sample_weight(
+    sample_weight: FloatArray | None, n_examples: int, dtype: np.dtype[np.floating]
+) -> FloatArray | None:
+    """Row weights as the passes use them: ``(n_examples,)`` in ``dtype``, or None.
+
+    Parameters
+    ----------
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Finite and >= 0; float64 or ``dtype``.
+    n_examples : int
+    dtype : the data's dtype.
+
+    Raises
+    ------
+    ValueError
+        On a wrong shape, a non-float dtype, a negative or non-finite weight,
+        or weights that sum to 0.
+    """
+    if sample_weight is None:
+        return None
+    s = np.asarray(sample_weight)
+    if s.shape != (1, n_examples):
+        raise ValueError(f"sample_weight must have shape (1, {n_examples}), got {s.shape}")
+    if s.dtype not in (np.float64, dtype):
+        raise ValueError(f"sample_weight must be float64 or {dtype}, got {s.dtype}")
+    s = np.ascontiguousarray(s.reshape(n_examples), dtype=dtype)  # (m,)
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("sample_weight must be finite and >= 0")
+    if not np.any(s > 0):
+        raise ValueError("sample_weight must have a positive entry")
+    return s
+
+
 class BlockedPass:
     """What every blocked pass over ``X`` shares: checked inputs, blocks, thread shares.
 
@@ -153,6 +186,10 @@ class BlockedPass:
     n_threads : int
         Threads wanted; no more than there are blocks get a share.
     default_block : callable ``(n_features, dtype) -> int``
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Row weights ``s``: finite, >= 0, float64 or ``X``'s dtype. Kept in
+        ``X``'s dtype as ``self.s`` of shape ``(n_examples,)``; None (every
+        weight 1) keeps ``self.s`` None, so the unweighted passes are unchanged.
 
     Each thread's share is a contiguous run of block starts, the same at every
     call, so the partial sums are always added in the same order.
@@ -165,6 +202,7 @@ class BlockedPass:
         block_size: int | None,
         n_threads: int,
         default_block: Callable[[int, np.dtype[np.floating]], int],
+        sample_weight: FloatArray | None = None,
     ) -> None:
         n, m = X.shape
         if X.dtype not in (np.float32, np.float64):
@@ -180,6 +218,9 @@ class BlockedPass:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.X = X
         self.y = np.ascontiguousarray(Y.reshape(m), dtype=X.dtype)  # (m,), a view when possible
+        self.s = check_sample_weight(sample_weight, m, X.dtype)  # (m,) or None
+        # Σ s, summed once in float64 from the weights as the passes use them.
+        self._weight_sum = float(m) if self.s is None else math.fsum(self.s.tolist())
         self.block_size = min(block, m)
         starts = list(range(0, m, self.block_size))
         n_threads = min(n_threads, len(starts))
@@ -222,6 +263,11 @@ class BlockedPass:
         return int(self.X.shape[0])
 
     @property
+    def weight_sum(self) -> float:
+        """``Σ s_i``, the total weight (``n_examples`` when unweighted)."""
+        return self._weight_sum
+
+    @property
     def n_examples(self) -> int:
         return int(self.X.shape[1])
 
@@ -251,6 +297,11 @@ class FusedLoss(BlockedPass):
     ----------
     X : ndarray of shape (n_features, n_examples), float32 or float64
     Y : ndarray of shape (1, n_examples), ``X``'s dtype, 0.0/1.0
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Row weights ``s`` (finite, >= 0; float64 or ``X``'s dtype). The sums
+        become ``Σ s_i ℓ_i``, ``X (s ∘ (A - Y))ᵀ`` and ``Σ s_i (a_i - y_i)``, and
+        the cost is normalized by :attr:`weight_sum` (``Σ s``). None: every
+        weight 1, and the pass is the unweighted one, as fast as before.
     block_size : int, optional
         Examples per block; default :func:`default_block_size`. Results do not
         depend on it beyond float rounding.
@@ -281,6 +332,7 @@ class FusedLoss(BlockedPass):
         X: FloatArray,
         Y: FloatArray,
         *,
+        sample_weight: FloatArray | None = None,
         block_size: int | None = None,
         n_threads: int = 1,
         engine: Engine = "auto",
@@ -288,7 +340,7 @@ class FusedLoss(BlockedPass):
         self.engine = resolve_engine(engine, X, n_threads)
         compiled = self.engine == "numba"
         default_block = compiled_block_size if compiled else default_block_size
-        super().__init__(X, Y, block_size, n_threads, default_block)
+        super().__init__(X, Y, block_size, n_threads, default_block, sample_weight)
         block, dtype = self.block_size, X.dtype
         # Per thread: the compiled engine's U/dZ and per-example losses, or the
         # NumPy engine's three block vectors and its GEMV output.
@@ -300,6 +352,8 @@ class FusedLoss(BlockedPass):
             from lr_kernel._compiled import share_sums  # imports numba
 
             self._compiled_share = share_sums
+            # Unweighted calls pass this, unread, where the weights would go.
+            self._no_weights = np.ones(1, dtype)
             self._compiled_scratch = [
                 (np.empty(block, dtype), np.empty(block, np.float64)) for _ in self._shares
             ]
@@ -313,7 +367,7 @@ class FusedLoss(BlockedPass):
     def __call__(self, w: FloatArray, b: float, l2: float = 0.0) -> tuple[float, FloatArray, float]:
         """Cost and gradients at ``(w, b)``; see :func:`loss_and_gradients`."""
         loss_sum, dw_sum, db_sum = self.partial_sums(w, b)
-        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self.n_examples, self.dtype)
+        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self.weight_sum, self.dtype)
 
     def partial_sums(self, w: FloatArray, b: float) -> tuple[float, NDArray[np.float64], float]:
         """The unnormalized, unpenalized sums over this ``X``: what shards add up.
@@ -321,11 +375,13 @@ class FusedLoss(BlockedPass):
         Returns
         -------
         loss_sum : float
-            ``Σ_i softplus(z_i) - y_i z_i``.
+            ``Σ_i s_i (softplus(z_i) - y_i z_i)``.
         dw_sum : ndarray of shape (n_features,), float64
-            ``X dZᵀ``.
+            ``X dZᵀ`` with ``dZ = s ∘ (A - Y)``.
         db_sum : float
             ``Σ_i dz_i``.
+
+        ``s_i`` is 1 without ``sample_weight``.
 
         Sums over disjoint column ranges of the data add up, in any grouping, to
         the sums over all of it (up to rounding); :func:`loss_from_sums` turns
@@ -350,11 +406,24 @@ class FusedLoss(BlockedPass):
             u, losses = self._compiled_scratch[share]
             dw = np.zeros(self.n_features, dtype=np.float64)
             stop = min(starts[-1] + self.block_size, self.n_examples)
+            row_weights = self._no_weights if self.s is None else self.s
             loss, db = self._compiled_share(
-                self.X, self.y, neg_w, b, starts[0], stop, self.block_size, u, losses, dw
+                self.X,
+                self.y,
+                row_weights,
+                self.s is not None,
+                neg_w,
+                b,
+                starts[0],
+                stop,
+                self.block_size,
+                u,
+                losses,
+                dw,
             )
             return float(loss), dw, float(db)
         X, y, cap = self.X, self.y, self._u_cap
+        weights = self.s
         U, T, V = self._scratch[share]
         gemv_out = self._gemv_out[share]
         m = X.shape[1]
@@ -380,15 +449,22 @@ class FusedLoss(BlockedPass):
                 # log(1 + exp(u)) = cap' + (u - cap) for u > cap, to rounding.
                 np.subtract(u, cap, out=v)
                 np.maximum(v, 0.0, out=v)
+                if weights is not None:
+                    v *= weights[start:stop]
                 loss_sum += float(v.sum(dtype=np.float64))
                 np.minimum(u, cap, out=u)
             np.exp(u, out=u)
             u += 1.0  # u = 1 + exp(-Z), in [1, 1 + exp(cap)]: log and 1/u are safe
             np.log(u, out=v)  # one log for the cost, never of 0
             t += v
-            loss_sum += float(t.sum(dtype=np.float64))
             np.reciprocal(u, out=u)  # sigmoid(Z)
-            u -= yb  # dZ
+            u -= yb  # A - Y
+            if weights is not None:
+                # In place on the block's scratch: weighting costs no (n, m) array.
+                sb = weights[start:stop]  # (k,)
+                t *= sb
+                u *= sb  # dZ = s ∘ (A - Y)
+            loss_sum += float(t.sum(dtype=np.float64))
             db_sum += float(u.sum(dtype=np.float64))
             np.matmul(Xb, u, out=gemv_out)  # (n,), Xb is still in cache
             dw_sum += gemv_out
@@ -401,30 +477,34 @@ def loss_from_sums(
     db_sum: float,
     w: FloatArray,
     l2: float,
-    n_examples: int,
+    weight_sum: float,
     dtype: np.dtype[np.floating],
 ) -> tuple[float, FloatArray, float]:
     """Cost and gradients from the summed parts of :meth:`FusedLoss.partial_sums`.
 
-    The one place the sums are normalized by ``m`` and penalized, so every
-    source of data (in memory, streamed, sharded) finishes identically.
+    The one place the sums are normalized and penalized, so every source of
+    data (in memory, streamed, sharded) finishes identically::
+
+        J  = (Σ s ℓ + (l2/2) ||w||²) / Σs
+        dw = (dw_sum + l2 w) / Σs,   db = db_sum / Σs
 
     Parameters
     ----------
     loss_sum, db_sum : float
-        Totals over all ``n_examples`` examples.
+        Totals over all examples.
     dw_sum : ndarray of shape (n_features,), float64
     w : ndarray of shape (n_features, 1)
     l2 : float
-    n_examples : int
-        ``m``, the examples summed over.
+    weight_sum : float
+        ``Σ s``, the total weight summed over (the number of examples ``m``
+        when unweighted): :attr:`FusedLoss.weight_sum`, added over pieces.
     dtype : the data's dtype, that of the returned ``dw``.
 
     Returns
     -------
     cost, dw of shape (n_features, 1), db : as :func:`loss_and_gradients`.
     """
-    m = n_examples
+    m = float(weight_sum)
     w64 = w.reshape(-1, 1).astype(np.float64, copy=False)
     cost = (loss_sum + 0.5 * l2 * float(np.dot(w64.ravel(), w64.ravel()))) / m
     dw = dw_sum.reshape(-1, 1) / m  # (n, 1)

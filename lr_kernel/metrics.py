@@ -16,7 +16,17 @@ METRIC_NAMES = (
 )
 
 
-def log_loss(Z: FloatArray, Y: FloatArray) -> float:
+def _weights(sample_weight: FloatArray | None, size: int) -> FloatArray | None:
+    """``sample_weight`` as a float64 ``(size,)`` vector, or None."""
+    if sample_weight is None:
+        return None
+    s = np.asarray(sample_weight, dtype=np.float64).reshape(-1)  # (m,)
+    if s.size != size:
+        raise ValueError(f"sample_weight must have {size} entries, got {s.size}")
+    return s
+
+
+def log_loss(Z: FloatArray, Y: FloatArray, sample_weight: FloatArray | None = None) -> float:
     """Mean log-loss of scores ``Z`` against 0/1 labels ``Y``, with no penalty term.
 
     Parameters
@@ -26,6 +36,8 @@ def log_loss(Z: FloatArray, Y: FloatArray) -> float:
         ``softplus(Z) - Y Z``, finite however confident a wrong prediction is.
     Y : ndarray of shape (1, n_examples)
         Labels, 0.0 or 1.0.
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Row weights ``s``: the mean becomes ``Σ s ℓ / Σ s``.
 
     Returns
     -------
@@ -33,15 +45,20 @@ def log_loss(Z: FloatArray, Y: FloatArray) -> float:
     """
     Z64 = Z.astype(np.float64, copy=False)
     losses = np.maximum(Z64, 0.0) + np.log1p(np.exp(-np.abs(Z64))) - Y * Z64  # (1, m)
-    return float(np.mean(losses))
+    s = _weights(sample_weight, losses.size)
+    if s is None:
+        return float(np.mean(losses))
+    return float(np.dot(losses.reshape(-1), s) / np.sum(s))
 
 
-def roc_auc(Z: FloatArray, Y: FloatArray) -> float:
+def roc_auc(Z: FloatArray, Y: FloatArray, sample_weight: FloatArray | None = None) -> float:
     """Area under the ROC curve: the probability that a positive outranks a negative.
 
     Rank-based (Mann-Whitney U): a tied positive/negative pair counts one half,
     which is what the trapezoidal area under scikit-learn's ROC curve gives.
-    Counts are summed in integers, so the result is exact up to one division.
+    Unweighted, counts are summed in integers, so the result is exact up to one
+    division; with weights, a pair counts ``s_i s_j`` (as scikit-learn's
+    ``roc_auc_score(..., sample_weight=s)``).
 
     Parameters
     ----------
@@ -49,34 +66,50 @@ def roc_auc(Z: FloatArray, Y: FloatArray) -> float:
         Any scores that order the examples (log-odds or probabilities).
     Y : ndarray of the same size
         Labels, 0.0 or 1.0.
+    sample_weight : ndarray of the same size, optional
+        Row weights.
 
     Returns
     -------
-    float in ``[0, 1]``; NaN when ``Y`` holds only one class (the area is undefined).
+    float in ``[0, 1]``; NaN when ``Y`` holds only one class (with positive
+    weight): the area is undefined.
     """
     scores = np.ravel(Z)
     positive = np.ravel(Y) == 1.0
-    n_positive = int(np.count_nonzero(positive))
-    n_negative = positive.size - n_positive
-    if n_positive == 0 or n_negative == 0:
-        return float("nan")
+    s = _weights(sample_weight, scores.size)
     order = np.argsort(scores, kind="stable")
     sorted_scores = scores[order]
     sorted_positive = positive[order]
     # Group equal scores: `starts` are the first index of each run of ties.
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    positives_in_group = np.add.reduceat(sorted_positive.astype(np.int64), starts)
-    sizes = np.diff(np.r_[starts, scores.size])
-    negatives_in_group = sizes - positives_in_group
+    if s is None:
+        positives_in_group = np.add.reduceat(sorted_positive.astype(np.int64), starts)
+        sizes = np.diff(np.r_[starts, scores.size])
+        negatives_in_group = sizes - positives_in_group
+    else:
+        sorted_weights = s[order]
+        positives_in_group = np.add.reduceat(sorted_weights * sorted_positive, starts)
+        negatives_in_group = np.add.reduceat(sorted_weights * ~sorted_positive, starts)
+    total_positive = positives_in_group.sum()
+    total_negative = negatives_in_group.sum()
+    if total_positive == 0 or total_negative == 0:
+        return float("nan")
     negatives_below = np.cumsum(negatives_in_group) - negatives_in_group
     # Each positive beats every negative in a lower group and ties half of its own.
-    twice_wins = int(
-        np.sum(2 * positives_in_group * negatives_below + positives_in_group * negatives_in_group)
+    twice_wins = np.sum(
+        2 * positives_in_group * negatives_below + positives_in_group * negatives_in_group
     )
-    return float(twice_wins / (2 * n_positive * n_negative))
+    if s is None:
+        return float(int(twice_wins) / (2 * int(total_positive) * int(total_negative)))
+    return float(twice_wins / (2 * total_positive * total_negative))
 
 
-def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(
+    Z: FloatArray,
+    Y: FloatArray,
+    threshold: float = 0.5,
+    sample_weight: FloatArray | None = None,
+) -> dict[str, float]:
     """Every metric of the output contract, from scores ``Z`` and 0/1 labels ``Y``.
 
     Parameters
@@ -87,13 +120,17 @@ def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict
         Labels, 0.0 or 1.0.
     threshold : float, default 0.5
         Probability at or above which an example is predicted positive.
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Row weights ``s``: every metric but ``n_examples`` counts example ``i``
+        ``s_i`` times (scikit-learn's ``sample_weight`` in its metrics).
 
     Returns
     -------
     dict with the keys of ``METRIC_NAMES``, in that order. ``precision`` is 0.0
     when nothing is predicted positive, ``recall`` when there is no positive and
     ``f1`` when both are 0 (scikit-learn's ``zero_division`` default);
-    ``roc_auc`` is NaN when ``Y`` holds one class.
+    ``roc_auc`` is NaN when ``Y`` holds one class. ``n_examples`` is the number
+    of rows, weighted or not.
     """
     Z64 = Z.astype(np.float64, copy=False)
     Y64 = Y.astype(np.float64, copy=False)
@@ -105,22 +142,36 @@ def binary_metrics(Z: FloatArray, Y: FloatArray, threshold: float = 0.5) -> dict
     else:
         predicted = Z64 >= np.log(threshold) - np.log1p(-threshold)
     actual = Y64 == 1.0
-    true_positives = int(np.count_nonzero(predicted & actual))
-    n_predicted = int(np.count_nonzero(predicted))
-    n_actual = int(np.count_nonzero(actual))
+    s = _weights(sample_weight, Y64.size)
+    true_positives: float
+    n_predicted: float
+    n_actual: float
+    if s is None:
+        true_positives = int(np.count_nonzero(predicted & actual))
+        n_predicted = int(np.count_nonzero(predicted))
+        n_actual = int(np.count_nonzero(actual))
+        accuracy = float(np.mean(predicted == actual))
+        positive_rate = float(np.mean(Y64))
+    else:
+        total = float(np.sum(s))
+        true_positives = float(np.dot(s, (predicted & actual).reshape(-1)))
+        n_predicted = float(np.dot(s, predicted.reshape(-1)))
+        n_actual = float(np.dot(s, actual.reshape(-1)))
+        accuracy = float(np.dot(s, (predicted == actual).reshape(-1))) / total
+        positive_rate = n_actual / total
     precision = true_positives / n_predicted if n_predicted else 0.0
     recall = true_positives / n_actual if n_actual else 0.0
     # 2 TP / (2 TP + FP + FN), the same value as 2 P R / (P + R) with one rounding.
     f1 = 2 * true_positives / (n_predicted + n_actual) if true_positives else 0.0
     return {
-        "log_loss": log_loss(Z64, Y64),
-        "accuracy": float(np.mean(predicted == actual)),
+        "log_loss": log_loss(Z64, Y64, s),
+        "accuracy": accuracy,
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "roc_auc": roc_auc(Z64, Y64),
+        "roc_auc": roc_auc(Z64, Y64, s),
         "n_examples": float(Y64.shape[1]),
-        "positive_rate": float(np.mean(Y64)),
+        "positive_rate": positive_rate,
     }
 
 
@@ -135,21 +186,31 @@ class HeldOutCost:
         Their 0/1 labels.
     every : int, default 1
         Evaluate at iterations ``0, every, 2 every, ...``; the others stay NaN.
+    sample_weight : ndarray of shape (1, n_held_out), optional
+        Row weights: the cost is the weighted mean log-loss.
 
     Use :meth:`history` after the fit: it also evaluates the final parameters.
     """
 
-    def __init__(self, X: FloatArray, Y: FloatArray, every: int = 1) -> None:
+    def __init__(
+        self,
+        X: FloatArray,
+        Y: FloatArray,
+        every: int = 1,
+        sample_weight: FloatArray | None = None,
+    ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.X = X
         self.Y = Y
         self.every = every
+        self.sample_weight = sample_weight
         self._costs: dict[int, float] = {}
 
     def cost(self, w: FloatArray, b: float) -> float:
         """Log-loss (no penalty) of ``(w, b)`` on the held-out examples."""
-        return log_loss(w.T @ self.X + b, self.Y)  # (1, n_held_out) scores
+        # (1, n_held_out) scores
+        return log_loss(w.T @ self.X + b, self.Y, self.sample_weight)
 
     def __call__(self, iteration: int, w: FloatArray, b: float) -> None:
         if iteration % self.every == 0:

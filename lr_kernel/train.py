@@ -195,6 +195,7 @@ def fit(
     block_size: int | None = None,
     n_threads: int = 1,
     engine: Engine = "auto",
+    sample_weight: FloatArray | None = None,
     resume: TrainState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -217,6 +218,7 @@ def fit(
     optimizer: Optimizer = "gd",
     block_size: int | None = None,
     n_threads: int = 1,
+    sample_weight: FloatArray | None = None,
 ) -> GridFitResult: ...
 
 
@@ -235,6 +237,7 @@ def fit(
     block_size: int | None = None,
     n_threads: int = 1,
     engine: Engine = "auto",
+    sample_weight: FloatArray | None = None,
     resume: TrainState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -277,6 +280,10 @@ def fit(
         than once; the row is the cost at the accepted iterate).
     block_size, n_threads, engine : see :class:`~lr_kernel.FusedLoss` (``engine``
         applies to one model; a grid always runs NumPy's blocked GEMMs).
+    sample_weight : ndarray of shape (1, n_examples), optional
+        Row weights ``s`` (finite, >= 0): the objective becomes
+        ``(Σ s ℓ + (l2/2) ||w||²) / Σs``, whose minimizer is scikit-learn's
+        ``LogisticRegression(C=1/l2)`` fitted with ``sample_weight=s``.
     resume : TrainState, optional
         Go on from this state (a checkpoint) instead of ``(w0, b0)``: its history
         is kept, and ``iterations`` counts the updates of the whole run, so a run
@@ -305,11 +312,19 @@ def fit(
 
         return fit_many(X, Y, learning_rate=learning_rate, iterations=iterations, l2=l2, tol=tol,
                         w0=w0, b0=b0, callback=callback, optimizer=optimizer,
-                        block_size=block_size, n_threads=n_threads)  # fmt: skip
+                        block_size=block_size, n_threads=n_threads,
+                        sample_weight=sample_weight)  # fmt: skip
     m = X.shape[1]
     if Y.shape != (1, m):
         raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
-    loss = FusedLoss(X, Y, block_size=block_size, n_threads=n_threads, engine=engine)
+    loss = FusedLoss(
+        X,
+        Y,
+        sample_weight=sample_weight,
+        block_size=block_size,
+        n_threads=n_threads,
+        engine=engine,
+    )
     return fit_loss(
         loss,
         learning_rate=learning_rate,
