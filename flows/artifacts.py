@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -253,6 +254,7 @@ def training_progress(total: int) -> Iterator[Callable[[int, float], None]]:
     artifact_id = create_progress_artifact(
         0.0, key=PROGRESS_KEY, description=f"Gradient-descent updates done, of at most {total}."
     )
+    assert isinstance(artifact_id, UUID)  # called from sync code: not a coroutine
     throttle = ProgressThrottle(total)
     listener = progress_listener.get()
     listener_due = 0.0

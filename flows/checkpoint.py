@@ -65,7 +65,7 @@ def save_checkpoint(path: Path, state: TrainState, key: dict[str, Any], run_id: 
                 w=state.w,
                 cost_history=state.cost_history,
                 gradient_norm_history=state.gradient_norm_history,
-                **{f"momentum_{k}": v for k, v in arrays.items()},
+                **{f"momentum_{k}": v for k, v in arrays.items()},  # type: ignore[arg-type]
             )
             handle.flush()
             os.fsync(handle.fileno())

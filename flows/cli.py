@@ -178,8 +178,8 @@ def train(
         class_weight=class_weight,  # type: ignore[arg-type]  # validated by the model
         positive_label=positive_label,
         iterations=iterations,
-        learning_rate=_numbers(learning_rate, "--learning-rate"),
-        l2=_numbers(l2, "--l2"),
+        learning_rate=_numbers(learning_rate, "--learning-rate"),  # type: ignore[arg-type]
+        l2=_numbers(l2, "--l2"),  # type: ignore[arg-type]  # validated by the model
         tol=tol,
         optimizer=optimizer,  # type: ignore[arg-type]  # validated by the model
         threads=threads,
@@ -427,8 +427,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(one_line(f"{where}{error.strerror or error}"), EXIT_RUN_FAILED)
     except Exception as error:
         # Usage errors (click's, vendored by newer typer) carry their own message.
-        if callable(getattr(error, "format_message", None)):
-            _fail(error.format_message(), EXIT_BAD_INPUT)
+        format_message = getattr(error, "format_message", None)
+        if callable(format_message):
+            _fail(format_message(), EXIT_BAD_INPUT)
         raise
 
 

@@ -71,10 +71,10 @@ def resolve_files(data: str | Path) -> tuple[Path, ...]:
     if path.exists():
         raise DataError("not a regular file or directory", path=path)
     if glob.has_magic(text):
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-        if not files:
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not matches:
             raise DataError("no file matches this pattern", path=text)
-        return tuple(files)
+        return tuple(matches)
     raise DataError("no such file or directory", path=path)
 
 

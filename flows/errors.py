@@ -21,7 +21,8 @@ class DataError(LrflowError):
         where = [p for p in (self.path, column is not None and f"column {column!r}") if p]
         super().__init__(one_line(": ".join([*where, problem])))
 
-    def __reduce__(self):  # keeps the keyword arguments when pickled (Prefect results)
+    # Keeps the keyword arguments when pickled (Prefect results).
+    def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (self.problem, self.path, self.column))
 
 

@@ -502,6 +502,7 @@ class FeaturePlan:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "FeaturePlan":
+        weights = data.get("class_weight", (1.0, 1.0))
         return cls(
             label=data["label"],
             label_mapping=LabelMapping(**data["label_mapping"]),
@@ -509,7 +510,7 @@ class FeaturePlan:
             standardized=bool(data["standardized"]),
             missing=data["missing"],
             weight=data.get("weight"),
-            class_weight=tuple(data.get("class_weight", (1.0, 1.0))),  # type: ignore[arg-type]
+            class_weight=(float(weights[0]), float(weights[1])),
             class_weight_mode=data.get("class_weight_mode"),
             left_out=tuple(LeftOut(c["name"], c["reason"]) for c in data.get("left_out", [])),
             warnings=tuple(data.get("warnings", [])),

@@ -196,9 +196,10 @@ def _or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _first(value: float | list[float]) -> float:
-    return value[0] if isinstance(value, list) else value
+def _first(value: float | list[float] | str) -> float:
+    # A learning rate of "auto" is resolved to a number before any search.
+    return float(value[0] if isinstance(value, list) else value)
 
 
 def _listed(value: float | list[float] | str) -> list[float]:
-    return value if isinstance(value, list) else [value]
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]

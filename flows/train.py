@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -67,7 +68,7 @@ class TrainSummary(BaseModel):
     warnings: list[str] = []
 
 
-def retry_unless_bad_input(task, task_run, state) -> bool:
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     """Retry I/O failures; bad input or a diverged fit will not fix itself."""
     return not isinstance(state.data, LrflowError)
 

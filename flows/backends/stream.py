@@ -238,7 +238,7 @@ def _build_cache(
 
 
 def _write_all(fd: int, row: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(row)).cast("B")
+    view = np.ascontiguousarray(row).data.cast("B")
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
@@ -344,7 +344,7 @@ class StreamLoss:
     def _read(self, index: int, start: int, stop: int) -> None:
         buffer, itemsize = self._buffers[index], self._dtype.itemsize
         for j in range(self._height):
-            view = memoryview(buffer[j, : stop - start]).cast("B")
+            view = buffer[j, : stop - start].data.cast("B")
             offset = self._offset + (j * self._m + start) * itemsize
             while view:
                 got = os.preadv(self._fd, [view], offset)
@@ -356,11 +356,10 @@ class StreamLoss:
         key = (index, k)
         if key not in self._losses:
             buffer = self._buffers[index]
-            weight = {"sample_weight": buffer[self._n + 1 :, :k]} if self._weighted else {}
             self._losses[key] = FusedLoss(
                 buffer[: self._n, :k],
                 buffer[self._n : self._n + 1, :k],
+                sample_weight=buffer[self._n + 1 :, :k] if self._weighted else None,
                 n_threads=self._n_threads,
-                **weight,
             )
         return self._losses[key]
