@@ -650,33 +650,44 @@ def check_values(
         )
 
 
-def learn_plan(
-    train: Summary,
-    everything: Summary,
-    choice: ColumnChoice,
-    *,
-    label_dtype: str,
-    positive_label: str | None = None,
-    standardize: bool = True,
-    missing: MissingPolicy = "error",
-    max_levels: int = 100,
-    class_weight: str | None = None,
-    dtype: str = "float64",
-    where: Path | str,
-) -> FeaturePlan:
+@dataclass(frozen=True)
+class PlanSettings:
+    """What shapes a plan besides the data: the columns and the run's choices."""
+
+    choice: ColumnChoice
+    label_dtype: str
+    where: str
+    positive_label: str | None = None
+    standardize: bool = True
+    missing: MissingPolicy = "error"
+    max_levels: int = 100
+    class_weight: str | None = None
+    dtype: str = "float64"
+    validation_fraction: float = 0.0
+    seed: int = 0
+
+    def batch_rows(self, budget: int = 32 << 20) -> int:
+        """Rows per batch: the batch's float64 values within ``budget`` bytes."""
+        per_row = 8 * (len(self.choice.read) + 2)
+        return int(max(1024, min(1 << 20, budget // per_row)))
+
+
+def learn_plan(train: Summary, everything: Summary, settings: PlanSettings) -> FeaturePlan:
     """The plan from the training rows' summary (``everything``: all rows, for the checks).
 
     Levels, means and scales come from the training rows alone; the value
     checks and the level limit look at every row.
     """
+    choice, where, dtype = settings.choice, settings.where, settings.dtype
+    missing, max_levels = settings.missing, settings.max_levels
     check_values(everything, choice, missing=missing, where=where)
     labels = sorted(everything.labels)
     mapping = label_mapping(
         labels[:LABEL_VALUES_KEPT],
         len(everything.labels),
-        positive_label,
+        settings.positive_label,
         label=choice.label,
-        dtype=label_dtype,
+        dtype=settings.label_dtype,
         where=where,
     )
     for value in (mapping.negative, mapping.positive):
@@ -729,7 +740,7 @@ def learn_plan(
         std = math.sqrt(part.m2 / part.count) if part.count else 0.0
         impute = mean if missing == "impute" else None
         missing_term = missing == "impute" and part.nulls > 0
-        if column.kind == "boolean" or not standardize:
+        if column.kind == "boolean" or not settings.standardize:
             if column.kind == "numeric" and max(abs(part.minimum), abs(part.maximum)) > largest:
                 raise DataError(f"values exceed the {dtype} range", path=where, column=column.name)
             features.append(
@@ -763,7 +774,7 @@ def learn_plan(
                 f"--exclude {column.name} unless it is a measurement"
             )
     factors = (1.0, 1.0)
-    if class_weight == "balanced":
+    if settings.class_weight == "balanced":
         # scikit-learn's rule: m / (2 m_c) on the training rows.
         m = train.labels[mapping.negative] + train.labels[mapping.positive]
         factors = (
@@ -774,11 +785,11 @@ def learn_plan(
         label=choice.label,
         label_mapping=mapping,
         features=tuple(features),
-        standardized=standardize,
+        standardized=settings.standardize,
         missing=missing,
         weight=choice.weight,
         class_weight=factors,
-        class_weight_mode=class_weight,
+        class_weight_mode=settings.class_weight,
         left_out=choice.left_out,
         warnings=tuple(warnings),
     )
@@ -889,7 +900,7 @@ def _fill_categorical(
     rows[...] = 0
     known = [v for v in feature.levels if v != MISSING_LEVEL]
     codes = series.cast(pl.String).cast(pl.Enum(known), strict=False).to_physical()
-    code = codes.fill_null(-1).cast(pl.Int64).to_numpy()  # (k,): level index, -1 if none
+    code = np.array(codes.fill_null(-1).cast(pl.Int64).to_numpy())  # (k,): level, -1 if none
     missing = series.is_null().to_numpy() if series.null_count() else None
     if MISSING_LEVEL in feature.levels and missing is not None:
         code[missing] = len(feature.levels) - 1

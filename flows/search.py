@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flows.backends import TrainingData
+from flows.backends import Grid, TrainingData
 from flows.config import TrainConfig
 from flows.errors import DataError, DivergedError
 from flows.outputs import run_metadata, with_metadata
@@ -100,12 +100,14 @@ def run_search(data: TrainingData, config: TrainConfig, n_threads: int) -> Searc
     # As for a single fit: the kernel's own threads, BLAS on one thread under them.
     with kernel_threads(n_threads):
         grid = data.fit_candidates(
-            _listed(config.l2),
-            rates,
-            iterations=config.iterations,
-            tol=config.tol,
-            optimizer=config.optimizer,
-            n_threads=n_threads,
+            Grid(
+                l2=tuple(_listed(config.l2)),
+                learning_rate=None if rates is None else tuple(rates),
+                iterations=config.iterations,
+                tol=config.tol,
+                optimizer=config.optimizer,
+                n_threads=n_threads,
+            )
         )
     # The held-out rows' (weighted) mean log-loss: the validation loss without penalty.
     losses = np.array(

@@ -9,6 +9,7 @@ from flows.errors import DataError
 from flows.features import (
     MISSING_LEVEL,
     FeaturePlan,
+    PlanSettings,
     Summary,
     apply_plan,
     choose_columns,
@@ -40,10 +41,14 @@ def choice_of(frame: pl.DataFrame, **kwargs):
     return choose_columns(frame.schema, label="label", where="t.parquet", **kwargs)
 
 
+def settings(choice, **kwargs) -> PlanSettings:
+    return PlanSettings(choice=choice, label_dtype="String", where="t.parquet", **kwargs)
+
+
 def plan_of(frame: pl.DataFrame, **kwargs) -> FeaturePlan:
     choice = choice_of(frame, exclude=kwargs.pop("exclude", ()))
     summary = summarize(frame, choice, path="t.parquet", max_levels=100)
-    return learn_plan(summary, summary, choice, label_dtype="String", where="t.parquet", **kwargs)
+    return learn_plan(summary, summary, settings(choice, **kwargs))
 
 
 def test_roles_name_every_column_used_or_left_out():
@@ -177,7 +182,7 @@ def test_too_many_levels_names_the_column_and_the_remedy():
     with pytest.raises(
         DataError, match=r"column 'key': has more than 100 distinct values.*--exclude key"
     ):
-        learn_plan(summary, summary, choice, label_dtype="String", where="t", missing="impute")
+        learn_plan(summary, summary, settings(choice, missing="impute"))
 
 
 def test_an_integer_column_of_distinct_values_is_used_and_warned_about():

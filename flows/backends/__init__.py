@@ -10,9 +10,9 @@ depend on where the sums ran (beyond float rounding).
 
 import os
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,6 +51,18 @@ def default_memory_budget() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
+@dataclass(frozen=True)
+class Grid:
+    """The candidates of a search (every ``l2`` times every learning rate) and their fit."""
+
+    l2: tuple[float, ...]
+    learning_rate: tuple[float, ...] | None  # None: lbfgs picks its own steps
+    iterations: int
+    tol: float
+    optimizer: Optimizer
+    n_threads: int = 1
+
+
 class TrainingData(Protocol):
     """A run's training (and held-out) rows, wherever they live.
 
@@ -86,17 +98,8 @@ class TrainingData(Protocol):
         """Every contracted metric on ``train`` and, with validation, ``validation``."""
         ...
 
-    def fit_candidates(
-        self,
-        l2: Sequence[float],
-        learning_rate: Sequence[float] | None,
-        *,
-        iterations: int,
-        tol: float,
-        optimizer: Optimizer,
-        n_threads: int,
-    ) -> GridFitResult:
-        """Every ``l2`` x learning-rate candidate fitted on the training rows."""
+    def fit_candidates(self, grid: Grid) -> GridFitResult:
+        """Every candidate of ``grid`` fitted on the training rows."""
         ...
 
     def stable_learning_rate(self, l2: float) -> float:
@@ -148,10 +151,10 @@ def open_training_data(
     The one place that chooses a backend: everything after it goes through
     :class:`TrainingData`.
     """
-    from flows.backends.passes import Preparation
+    from flows.backends.passes import settings_of
 
     backend = resolve_backend(config, plan)
-    prep = Preparation.of(config, plan)
+    prep = settings_of(config, plan)
     if backend == "memory":
         from flows.backends.memory import open_memory
 
@@ -180,36 +183,71 @@ def open_training_data(
     raise ValueError(f"no backend {backend!r}")
 
 
-def fit_one_by_one(
-    loss: LossFunction,
-    l2: Sequence[float],
-    learning_rate: Sequence[float] | None,
-    *,
-    iterations: int,
-    tol: float,
-    optimizer: Optimizer,
-) -> GridFitResult:
-    """Each candidate fitted in turn on ``loss``: the grid of a backend without a many-model pass.
+class ClosableLoss(LossFunction, Protocol):
+    def close(self) -> None: ...
 
-    Candidates come in :func:`lr_kernel.grid_candidates` order (``l2``-major).
+
+@dataclass
+class PiecewiseData:
+    """What the stream and Dask backends share: their rows are in pieces (chunks, shards)
+    that each return partial sums, so metrics merge from per-piece sums and a search
+    fits its candidates one after another (no many-model pass over the pieces yet).
+
+    ``weight_sums`` are ``Σ s`` of the ``train`` and ``validation`` rows (row counts
+    when unweighted), which normalize the pieces' summed losses.
     """
-    from lr_kernel import fit_loss, grid_candidates
 
-    l2_values, rates = grid_candidates(
-        list(l2), None if learning_rate is None else list(learning_rate)
-    )
-    fits = [
-        fit_loss(
-            loss,
-            learning_rate=None if np.isnan(rate) else float(rate),
-            iterations=iterations,
-            l2=float(value),
-            tol=tol,
-            optimizer=optimizer,
-        )
-        for value, rate in zip(l2_values, rates, strict=True)
-    ]
-    return GridFitResult.from_fits(fits, l2_values, rates)
+    plan: FeaturePlan
+    files: tuple[Path, ...]
+    validation_files: tuple[Path, ...]
+    fingerprint: str
+    n_examples: int
+    n_validation: int
+    weight_sums: dict[str, float]
+    dtype: np.dtype
+
+    def loss(self, n_threads: int = 1, engine: str = "auto") -> ClosableLoss:
+        raise NotImplementedError
+
+    def metric_sums(self, part: str, w: np.ndarray, b: float) -> list[dict[str, Any]]:
+        """:func:`flows.backends.partial_metrics.piece_sums` of each piece of ``part``."""
+        raise NotImplementedError
+
+    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
+        from flows.backends.partial_metrics import merge_metrics
+
+        parts = ("train", "validation") if self.n_validation else ("train",)
+        return {part: merge_metrics(self.metric_sums(part, w, b)) for part in parts}
+
+    def fit_candidates(self, grid: Grid) -> GridFitResult:
+        """Each candidate fitted in turn, in :func:`lr_kernel.grid_candidates` order."""
+        from lr_kernel import fit_loss, grid_candidates
+
+        l2_values, rates = grid_candidates(list(grid.l2), grid.learning_rate)
+        loss = self.loss(grid.n_threads)
+        try:
+            fits = [
+                fit_loss(
+                    loss,
+                    learning_rate=None if np.isnan(rate) else float(rate),
+                    iterations=grid.iterations,
+                    l2=float(value),
+                    tol=grid.tol,
+                    optimizer=grid.optimizer,
+                )
+                for value, rate in zip(l2_values, rates, strict=True)
+            ]
+        finally:
+            loss.close()
+        return GridFitResult.from_fits(fits, l2_values, rates)
+
+    def stable_learning_rate(self, l2: float) -> float:
+        from flows.errors import DataError
+
+        raise DataError("--learning-rate auto needs the memory backend; give a number")
+
+    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
+        return threads, "auto"  # one loss per chunk or shard, each choosing its engine
 
 
 def plan_run(config: TrainConfig) -> tuple[InputPlan, InputPlan | None]:
@@ -232,11 +270,11 @@ def check_values(config: TrainConfig) -> FeaturePlan:
 
     Returns the plan the run will use; raises DataError for anything it cannot use.
     """
-    from flows.backends.passes import Preparation, learn, pieces_of, summarize_piece
+    from flows.backends.passes import learn, pieces_of, settings_of, summarize_piece
     from flows.dataset import file_pieces
 
     plan, validation = plan_run(config)
-    prep = Preparation.of(config, plan)
+    prep = settings_of(config, plan)
     pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
     summaries = [summarize_piece(piece, prep) for piece in pieces]
     return learn(prep, [s[0] for s in summaries], [s[1] for s in summaries])[0]

@@ -15,21 +15,19 @@ message naming the worker rather than waiting for it.
 """
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flows.backends import fit_one_by_one
+from flows.backends import PiecewiseData
 from flows.backends.memory import Rows
-from flows.backends.partial_metrics import merge_metrics, piece_sums
-from flows.backends.passes import Preparation, learn, piece_blocks, pieces_of, summarize_piece
+from flows.backends.partial_metrics import piece_sums
+from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
 from flows.dataset import InputPlan, Piece, fingerprint, row_group_pieces
-from flows.errors import DataError, LrflowError
-from flows.features import FeaturePlan, Summary
-from lr_kernel import FusedLoss, GridFitResult, Optimizer, loss_from_sums
+from flows.errors import LrflowError
+from flows.features import FeaturePlan, PlanSettings, Summary
+from lr_kernel import FusedLoss, loss_from_sums
 
 # How often the driver checks that the shards' workers are still there while it waits.
 LIVENESS_SECONDS = 1.0
@@ -51,7 +49,7 @@ def split_pieces(pieces: list[Piece], n_shards: int) -> list[list[Piece]]:
     return [shard for shard in shards if shard]
 
 
-def _summarize_shard(pieces: list[Piece], prep: Preparation) -> tuple[Summary, Summary]:
+def _summarize_shard(pieces: list[Piece], prep: PlanSettings) -> tuple[Summary, Summary]:
     train, held_out = Summary(), Summary()
     for piece in pieces:
         piece_train, piece_held_out = summarize_piece(piece, prep)
@@ -69,7 +67,7 @@ class _Shard:
     losses: dict[str, FusedLoss] = field(default_factory=dict, repr=False)
 
 
-def _build_shard(pieces: list[Piece], plan: FeaturePlan, prep: Preparation) -> _Shard:
+def _build_shard(pieces: list[Piece], plan: FeaturePlan, prep: PlanSettings) -> _Shard:
     blocks: dict[bool, list[Any]] = {False: [], True: []}
     for piece in pieces:
         for is_held_out, block in piece_blocks(piece, plan, prep):
@@ -108,17 +106,9 @@ def _shard_weight_sums(shard: _Shard) -> dict[str, float]:
 
 
 @dataclass
-class DaskData:
+class DaskData(PiecewiseData):
     """:class:`flows.backends.TrainingData` sharded over Dask workers."""
 
-    plan: FeaturePlan
-    files: tuple[Path, ...]
-    validation_files: tuple[Path, ...]
-    fingerprint: str
-    n_examples: int
-    n_validation: int
-    weight_sums: dict[str, float]
-    dtype: np.dtype
     client: Any = field(repr=False)
     shards: list[Any] = field(repr=False)  # futures of _Shard, in shard order
     workers: list[str] = field(repr=False)  # the worker holding each shard
@@ -131,34 +121,8 @@ class DaskData:
     def validation_loss(self) -> "DaskLoss | None":
         return DaskLoss(self, "validation") if self.n_validation else None
 
-    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
-        metrics = {}
-        for part in ("train", "validation"):
-            if part == "validation" and not self.n_validation:
-                continue
-            found = [p for p in self._map(_shard_metrics, part, w, b) if p is not None]
-            metrics[part] = merge_metrics(found)
-        return metrics
-
-    def fit_candidates(
-        self,
-        l2: Sequence[float],
-        learning_rate: Sequence[float] | None,
-        *,
-        iterations: int,
-        tol: float,
-        optimizer: Optimizer,
-        n_threads: int,
-    ) -> GridFitResult:
-        return fit_one_by_one(
-            self.loss(), l2, learning_rate, iterations=iterations, tol=tol, optimizer=optimizer
-        )
-
-    def stable_learning_rate(self, l2: float) -> float:
-        raise DataError("--learning-rate auto needs the memory backend; give a number")
-
-    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
-        return threads, "auto"  # one loss per shard, each choosing its engine
+    def metric_sums(self, part: str, w: np.ndarray, b: float) -> list[dict[str, Any]]:
+        return [p for p in self._map(_shard_metrics, part, w, b) if p is not None]
 
     def close(self) -> None:
         """Release the shards; stop the client and the cluster if this run started them."""
@@ -222,11 +186,14 @@ class DaskLoss:
         weight_sum = self._data.weight_sums[self._part]
         return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, weight_sum, self.dtype)
 
+    def close(self) -> None:
+        """Nothing to release here: the shards belong to the data."""
+
 
 def open_dask(
     plan: InputPlan,
     validation: InputPlan | None,
-    prep: Preparation,
+    prep: PlanSettings,
     *,
     address: str | None = None,
     n_workers: int = 2,

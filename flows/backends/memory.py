@@ -1,16 +1,16 @@
 """In memory: the whole matrix ``X`` (and the held-out rows' own) built batch by batch."""
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flows.backends.passes import Preparation, learn, piece_blocks, pieces_of, summarize_piece
+from flows.backends import Grid
+from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
 from flows.dataset import InputPlan, file_pieces, fingerprint
-from flows.features import FeaturePlan
-from lr_kernel import FusedLoss, GridFitResult, Optimizer, default_block_size, fit_many
+from flows.features import FeaturePlan, PlanSettings
+from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
 from lr_kernel.loss import resolve_engine
 from lr_kernel.metrics import binary_metrics
 from lr_kernel.stepsize import stable_learning_rate
@@ -73,25 +73,17 @@ class MemoryData:
             metrics["validation"] = self.held_out.metrics(w, b)
         return metrics
 
-    def fit_candidates(
-        self,
-        l2: Sequence[float],
-        learning_rate: Sequence[float] | None,
-        *,
-        iterations: int,
-        tol: float,
-        optimizer: Optimizer,
-        n_threads: int,
-    ) -> GridFitResult:
+    def fit_candidates(self, grid: Grid) -> GridFitResult:
+        """All candidates together: one pass over ``X`` per iteration for all of them."""
         return fit_many(
             self.train.X,
             self.train.Y,
-            l2=list(l2),
-            learning_rate=None if learning_rate is None else list(learning_rate),
-            iterations=iterations,
-            tol=tol,
-            optimizer=optimizer,
-            n_threads=n_threads,
+            l2=list(grid.l2),
+            learning_rate=None if grid.learning_rate is None else list(grid.learning_rate),
+            iterations=grid.iterations,
+            tol=grid.tol,
+            optimizer=grid.optimizer,
+            n_threads=grid.n_threads,
             **weighted(self.train.weight),
         )
 
@@ -108,7 +100,7 @@ class MemoryData:
         """Nothing to release: the arrays go with the object."""
 
 
-def open_memory(plan: InputPlan, validation: InputPlan | None, prep: Preparation) -> MemoryData:
+def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSettings) -> MemoryData:
     """Two passes over the files: the summaries and the plan, then ``X`` filled batch by batch.
 
     The peak is the matrices plus one batch: each block is written straight

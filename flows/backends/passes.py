@@ -7,7 +7,6 @@ and in :mod:`flows.features`, for every backend alike.
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -17,55 +16,30 @@ from flows.dataset import InputPlan, Piece, held_out, iter_batches
 from flows.errors import DataError
 from flows.features import (
     Block,
-    ColumnChoice,
     FeaturePlan,
-    MissingPolicy,
+    PlanSettings,
     Summary,
     apply_plan,
     learn_plan,
     summarize,
 )
 
-# Bytes of float64 values one batch of rows may take while it is summarized or applied.
-BATCH_BYTES = 32 << 20
 
-
-@dataclass(frozen=True)
-class Preparation:
-    """How a run's rows become a plan and blocks: the parts of the config that shape ``X``."""
-
-    choice: ColumnChoice
-    label_dtype: str
-    where: str
-    validation_fraction: float
-    seed: int
-    max_levels: int
-    missing: MissingPolicy
-    standardize: bool
-    positive_label: str | None
-    class_weight: str | None
-    dtype: str
-
-    @classmethod
-    def of(cls, config: TrainConfig, plan: InputPlan) -> "Preparation":
-        return cls(
-            choice=plan.choice,
-            label_dtype=plan.label_dtype,
-            where=str(plan.where),
-            validation_fraction=config.effective_validation_fraction,
-            seed=config.seed,
-            max_levels=config.max_levels,
-            missing=config.missing,
-            standardize=config.standardize,
-            positive_label=config.positive_label,
-            class_weight=config.class_weight,
-            dtype=config.dtype,
-        )
-
-    def batch_rows(self, budget: int = BATCH_BYTES) -> int:
-        """Rows per batch: the batch's float64 values within ``budget``."""
-        per_row = 8 * (len(self.choice.read) + 2)
-        return int(max(1024, min(1 << 20, budget // per_row)))
+def settings_of(config: TrainConfig, plan: InputPlan) -> PlanSettings:
+    """The plan settings of a run: the parts of the config that shape ``X``."""
+    return PlanSettings(
+        choice=plan.choice,
+        label_dtype=plan.label_dtype,
+        where=str(plan.where),
+        validation_fraction=config.effective_validation_fraction,
+        seed=config.seed,
+        max_levels=config.max_levels,
+        missing=config.missing,
+        standardize=config.standardize,
+        positive_label=config.positive_label,
+        class_weight=config.class_weight,
+        dtype=config.dtype,
+    )
 
 
 def split(frame: pl.DataFrame, mask: np.ndarray | None) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -78,43 +52,36 @@ def split(frame: pl.DataFrame, mask: np.ndarray | None) -> tuple[pl.DataFrame, p
     return frame.filter(~keep), frame.filter(keep)
 
 
+def split_batches(
+    piece: Piece, prep: PlanSettings, batch_rows: int | None = None
+) -> Iterator[tuple[bool, pl.DataFrame]]:
+    """``(held out?, rows)`` of each batch of the piece, training rows first; no empty parts."""
+    for first, frame in iter_batches(piece, prep.choice.read, batch_rows or prep.batch_rows()):
+        mask = held_out(piece.role, first, frame.height, prep.validation_fraction, prep.seed)
+        for is_held_out, part in zip((False, True), split(frame, mask), strict=True):
+            if part.height:
+                yield is_held_out, part
+
+
 def summarize_piece(
-    piece: Piece, prep: Preparation, batch_rows: int | None = None
+    piece: Piece, prep: PlanSettings, batch_rows: int | None = None
 ) -> tuple[Summary, Summary]:
     """The summaries of a piece's training rows and of its held-out rows."""
-    train, validation = Summary(), Summary()
-    rows = batch_rows or prep.batch_rows()
-    for first, frame in iter_batches(piece, prep.choice.read, rows):
-        mask = held_out(piece.role, first, frame.height, prep.validation_fraction, prep.seed)
-        for total, part in zip((train, validation), split(frame, mask), strict=True):
-            if part.height:
-                total.merge(
-                    summarize(part, prep.choice, path=piece.path, max_levels=prep.max_levels),
-                    prep.max_levels,
-                )
-    return train, validation
+    totals = {False: Summary(), True: Summary()}
+    for is_held_out, rows in split_batches(piece, prep, batch_rows):
+        part = summarize(rows, prep.choice, path=piece.path, max_levels=prep.max_levels)
+        totals[is_held_out].merge(part, prep.max_levels)
+    return totals[False], totals[True]
 
 
 def learn(
-    prep: Preparation, train_parts: Iterable[Summary], validation_parts: Iterable[Summary]
+    prep: PlanSettings, train_parts: Iterable[Summary], validation_parts: Iterable[Summary]
 ) -> tuple[FeaturePlan, Summary, Summary]:
     """The plan from the pieces' summaries, merged in the order given (input order)."""
     train = Summary.merged(train_parts, prep.max_levels)
     validation = Summary.merged(validation_parts, prep.max_levels)
     everything = Summary.merged([train, validation], prep.max_levels)
-    plan = learn_plan(
-        train,
-        everything,
-        prep.choice,
-        label_dtype=prep.label_dtype,
-        positive_label=prep.positive_label,
-        standardize=prep.standardize,
-        missing=prep.missing,
-        max_levels=prep.max_levels,
-        class_weight=prep.class_weight,
-        dtype=prep.dtype,
-        where=prep.where,
-    )
+    plan = learn_plan(train, everything, prep)
     if prep.validation_fraction > 0 and validation.rows == 0:
         raise DataError(
             f"too few rows to hold out a validation fraction of {prep.validation_fraction:g}; "
@@ -130,7 +97,7 @@ Target = Callable[[bool, int], np.ndarray | None]
 def piece_blocks(
     piece: Piece,
     plan: FeaturePlan,
-    prep: Preparation,
+    prep: PlanSettings,
     target: Target | None = None,
     batch_rows: int | None = None,
 ) -> Iterator[tuple[bool, Block]]:
@@ -139,16 +106,9 @@ def piece_blocks(
     ``target(held_out, k)`` may give the ``(n_terms, k)`` array each block is
     written into (a slice of the whole matrix), so no other copy is made.
     """
-    rows = batch_rows or prep.batch_rows()
-    for first, frame in iter_batches(piece, prep.choice.read, rows):
-        mask = held_out(piece.role, first, frame.height, prep.validation_fraction, prep.seed)
-        for is_held_out, part in zip((False, True), split(frame, mask), strict=True):
-            if part.height:
-                out = None if target is None else target(is_held_out, part.height)
-                yield (
-                    is_held_out,
-                    apply_plan(plan, part, dtype=prep.dtype, path=piece.path, out=out),
-                )
+    for is_held_out, rows in split_batches(piece, prep, batch_rows):
+        out = None if target is None else target(is_held_out, rows.height)
+        yield is_held_out, apply_plan(plan, rows, dtype=prep.dtype, path=piece.path, out=out)
 
 
 def pieces_of(

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from flows.backends import fit_one_by_one
-from flows.backends.partial_metrics import merge_metrics, piece_sums
-from flows.backends.passes import Preparation, learn, piece_blocks, pieces_of, summarize_piece
+from flows.backends import PiecewiseData
+from flows.backends.partial_metrics import piece_sums
+from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
 from flows.dataset import InputPlan, file_pieces, fingerprint
-from flows.errors import DataError
-from flows.features import FeaturePlan
-from lr_kernel import FusedLoss, GridFitResult, Optimizer, loss_from_sums
+from flows.features import FeaturePlan, PlanSettings
+from lr_kernel import FusedLoss, loss_from_sums
 
 CACHE_FORMAT = 2
 # Shares of the memory budget: the two read buffers of training, and one
@@ -47,18 +46,10 @@ BATCH_SHARE = 16
 PARTS = {False: "train", True: "validation"}
 
 
-@dataclass(frozen=True)
-class StreamData:
+@dataclass
+class StreamData(PiecewiseData):
     """:class:`flows.backends.TrainingData` held in stream caches; :meth:`loss` streams them."""
 
-    plan: FeaturePlan
-    files: tuple[Path, ...]
-    validation_files: tuple[Path, ...]
-    fingerprint: str
-    n_examples: int
-    n_validation: int
-    weight_sums: dict[str, float]
-    dtype: np.dtype
     path: Path
     memory_budget: int
     cleanup: bool = False
@@ -82,37 +73,9 @@ class StreamData:
     def validation_loss(self) -> "StreamLoss | None":
         return self._loss("validation") if self.n_validation else None
 
-    def metrics(self, w: np.ndarray, b: float) -> dict[str, dict[str, float]]:
-        """:func:`lr_kernel.metrics.binary_metrics` over each cache, chunk by chunk."""
-        metrics = {}
-        for part in ("train", "validation"):
-            if part == "validation" and not self.n_validation:
-                continue
-            with self._loss(part) as source:
-                parts = [piece_sums(w.T @ X + b, Y, s) for X, Y, s in source.chunks()]
-            metrics[part] = merge_metrics(parts)
-        return metrics
-
-    def fit_candidates(
-        self,
-        l2: Sequence[float],
-        learning_rate: Sequence[float] | None,
-        *,
-        iterations: int,
-        tol: float,
-        optimizer: Optimizer,
-        n_threads: int,
-    ) -> GridFitResult:
-        with self.loss(n_threads) as loss:
-            return fit_one_by_one(
-                loss, l2, learning_rate, iterations=iterations, tol=tol, optimizer=optimizer
-            )
-
-    def stable_learning_rate(self, l2: float) -> float:
-        raise DataError("--learning-rate auto needs the memory backend; give a number")
-
-    def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
-        return threads, "auto"  # one loss per chunk, each choosing its engine
+    def metric_sums(self, part: str, w: np.ndarray, b: float) -> list[dict[str, Any]]:
+        with self._loss(part) as source:
+            return [piece_sums(w.T @ X + b, Y, s) for X, Y, s in source.chunks()]
 
     def close(self) -> None:
         """Delete the cache when the run asked for it (``--cleanup-cache``)."""
@@ -129,7 +92,7 @@ def chunk_examples(n_features: int, dtype: np.dtype, memory_budget: int) -> int:
 def open_stream(
     plan: InputPlan,
     validation: InputPlan | None,
-    prep: Preparation,
+    prep: PlanSettings,
     *,
     cache_root: Path,
     memory_budget: int,
@@ -164,7 +127,7 @@ def open_stream(
 def _build_cache(
     plan: InputPlan,
     validation: InputPlan | None,
-    prep: Preparation,
+    prep: PlanSettings,
     path: Path,
     memory_budget: int,
 ) -> None:
