@@ -18,7 +18,7 @@ from flows.dataset import Dataset
 from flows.errors import DataError, DivergedError
 from flows.outputs import run_metadata, with_metadata
 from flows.threads import kernel_threads
-from lr_kernel import FitResult, GridFitResult, fit
+from lr_kernel import FitResult, GridFitResult, fit_many
 from lr_kernel.metrics import binary_metrics
 
 SEARCH_SCHEMA = pa.schema(
@@ -104,7 +104,7 @@ def run_search(dataset: Dataset, config: TrainConfig, n_threads: int) -> SearchR
     rates = None if config.optimizer == "lbfgs" else _listed(config.learning_rate)
     # As for a single fit: the kernel's own threads, BLAS on one thread under them.
     with kernel_threads(n_threads):
-        grid = fit(
+        grid = fit_many(
             train.X,
             train.Y,
             l2=_listed(config.l2),
