@@ -108,8 +108,8 @@ def train(
         ),
     ] = "0.0",
     tol: Annotated[
-        float, typer.Option(help="Stop when the cost changes by less than this.")
-    ] = 1e-10,
+        float, typer.Option(help="Converged when every gradient component is <= this.")
+    ] = 1e-8,
     optimizer: Annotated[
         str, typer.Option(help="gd, nesterov or lbfgs (lbfgs ignores --learning-rate).")
     ] = "gd",

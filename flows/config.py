@@ -63,7 +63,10 @@ class TrainConfig(BaseModel):
         default=0.0, description="L2 penalty strength, or a list of them to search."
     )
     tol: float = Field(
-        default=1e-10, ge=0, allow_inf_nan=False, description="Stop when |ΔJ| < tol (0: never)."
+        default=1e-8,
+        ge=0,
+        allow_inf_nan=False,
+        description="Converged when max |∇J| <= tol, on the standardized scale (0: never).",
     )
     optimizer: Literal["gd", "nesterov", "lbfgs"] = Field(
         default="gd", description="gd (the seeds'), nesterov (accelerated) or lbfgs (SciPy)."

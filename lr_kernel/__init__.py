@@ -16,8 +16,8 @@ Conventions
 
   ``scikit-learn``'s ``LogisticRegression(C=1/l2)`` fitted with
   ``sample_weight=s`` minimizes ``Σs`` times it (``m`` times, unweighted).
-- Many models at once (:func:`fit_many`, or :func:`fit` given sequences of
-  ``l2`` / learning rates): ``W`` is ``(n_features, K)``, column ``k`` is
+- Many models at once (:func:`fit_many`, given sequences of ``l2`` /
+  learning rates): ``W`` is ``(n_features, K)``, column ``k`` is
   candidate ``k``, and ``b`` is ``(K,)``.
 - ``cost_history[i]`` is ``J`` at the parameters before update ``i + 1``; row 0 is
   the cost of the initial parameters.
@@ -31,6 +31,7 @@ never imports scikit-learn. Likewise numba is imported only by a
 
 from typing import Any
 
+from lr_kernel.convergence import StopReason, StopRule, gradient_max
 from lr_kernel.grid import FusedLossMany, GridFitResult, fit_many, grid_candidates
 from lr_kernel.loss import (
     ENGINES,
@@ -49,7 +50,6 @@ from lr_kernel.train import (
     OPTIMIZERS,
     FitResult,
     Optimizer,
-    StopReason,
     TrainState,
     fit,
     fit_loss,
@@ -66,12 +66,14 @@ __all__ = [
     "LossFunction",
     "Optimizer",
     "StopReason",
+    "StopRule",
     "TrainState",
     "compiled_engine_available",
     "default_block_size",
     "fit",
     "fit_loss",
     "fit_many",
+    "gradient_max",
     "grid_candidates",
     "loss_and_gradients",
     "loss_and_gradients_naive",

@@ -34,8 +34,10 @@ class LogisticRegressionGD(ClassifierMixin, BaseEstimator):
         Most updates.
     l2 : float, default 0.0
         L2 penalty strength.
-    tol : float, default 1e-10
-        Stop when the cost changes by less than this; 0 runs all ``max_iter``.
+    tol : float, default 1e-8
+        Converged when every component of the gradient is at most this in
+        absolute value (``lr_kernel.convergence.StopRule``, on the standardized
+        problem when ``standardize``); 0 runs all ``max_iter``.
     standardize : bool, default True
         Train on standardized features (population mean and standard deviation;
         constant features only centered). ``coef_`` is on the raw scale either way.
@@ -59,7 +61,7 @@ class LogisticRegressionGD(ClassifierMixin, BaseEstimator):
         learning_rate: float = 0.5,
         max_iter: int = 1000,
         l2: float = 0.0,
-        tol: float = 1e-10,
+        tol: float = 1e-8,
         standardize: bool = True,
     ) -> None:
         self.learning_rate = learning_rate

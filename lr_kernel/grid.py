@@ -9,15 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from lr_kernel.convergence import StopReason, StopRule, gradient_max
 from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, BlockedPass, FloatArray
-from lr_kernel.train import (
-    DIVERGENCE_PATIENCE,
-    OPTIMIZERS,
-    FitResult,
-    Optimizer,
-    StopReason,
-    fit,
-)
+from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, fit
 
 # Bytes of X in one block, half FusedLoss's: the second GEMM, which reads the
 # block from cache, takes about as long as the first for K >= 8, so the block
@@ -210,7 +204,7 @@ class FusedLossMany(BlockedPass):
 
 @dataclass(frozen=True)
 class GridFitResult:
-    """What :func:`fit_many` (and :func:`lr_kernel.fit` given sequences) returns.
+    """What :func:`fit_many` returns.
 
     Candidate ``k`` is column ``k`` of ``w``, as ``X`` stacks examples.
 
@@ -313,7 +307,7 @@ def fit_many(
 ) -> GridFitResult:
     """Train the grid of every ``l2`` times every learning rate, together on the same ``X``.
 
-    :func:`lr_kernel.fit` with sequences calls this. Arguments are ``fit``'s,
+    Arguments are :func:`lr_kernel.fit`'s,
     except that ``l2`` and ``learning_rate`` may be sequences (see
     :func:`grid_candidates` for the candidates' order) and ``callback`` gets
     ``(iteration, cost)`` with ``cost`` of shape ``(K,)``, NaN for candidates
@@ -323,8 +317,8 @@ def fit_many(
     :class:`FusedLossMany` on the candidates still running, so ``X`` is read
     once per iteration for all of them, and each candidate's parameters equal a
     single :func:`lr_kernel.fit` with its values up to float rounding. A
-    candidate that meets a stop rule (tolerance or divergence, as in ``fit``)
-    is frozen; the others go on. ``"lbfgs"`` picks its own steps per
+    candidate that meets the stop rule (:class:`~lr_kernel.convergence.StopRule`,
+    as in ``fit``) is frozen; the others go on. ``"lbfgs"`` picks its own steps per
     candidate, so its candidates are fitted one after another (``l2`` grid
     only). One candidate is fitted by ``fit`` itself: the same result, bit for
     bit, as a single fit.
@@ -404,7 +398,7 @@ def _descent_many(
     optimizer: Optimizer,
     callback: Callable[[int, NDArray[np.float64]], None] | None,
 ) -> GridFitResult:
-    """Gradient descent or Nesterov over K candidates, each with ``fit``'s stop rules.
+    """Gradient descent or Nesterov over K candidates, each with ``fit``'s stop rule.
 
     The arithmetic per candidate is that of ``_gradient_descent`` /
     ``_nesterov`` in ``lr_kernel.train``, in the same order and dtypes, so the
@@ -412,7 +406,6 @@ def _descent_many(
     """
     K = W.shape[1]
     dtype = loss.dtype
-    rise_rtol = 64 * float(np.finfo(dtype).eps)  # as lr_kernel.train._rise_rtol
     # The step in X's dtype, as a Python float times a float32 array is float32.
     rates = learning_rate.astype(dtype)
     nesterov = optimizer == "nesterov"
@@ -424,13 +417,12 @@ def _descent_many(
     costs: list[list[float]] = [[] for _ in range(K)]
     grad_norms: list[list[float]] = [[] for _ in range(K)]
     stop: list[StopReason] = ["iterations"] * K
-    rises = np.zeros(K, dtype=np.int64)
 
     def record(iteration: int, active: NDArray[np.intp], cost: NDArray[np.float64],
                dW: FloatArray, db: NDArray[np.float64]) -> None:  # fmt: skip
         for j, k in enumerate(active):
             costs[k].append(float(cost[j]))
-            grad_norms[k].append(math.hypot(float(np.linalg.norm(dW[:, j])), float(db[j])))
+            grad_norms[k].append(gradient_max(dW[:, j], float(db[j])))
         if callback is not None:
             reported = np.full(K, math.nan)
             reported[active] = cost
@@ -439,14 +431,31 @@ def _descent_many(
     active = np.arange(K)
     cost, dW, db = loss(V, c, l2)
     record(0, active, cost, dW, db)
-    initial = cost.copy()
+    rules = [StopRule(tol, dtype, float(cost[k])) for k in range(K)]
+
+    def stopped(previous: NDArray[np.float64] | None) -> NDArray[np.bool_]:
+        """Apply each active candidate's stop rule; True where it goes on."""
+        keep = np.ones(active.size, dtype=bool)
+        for j, k in enumerate(active):
+            before = None if previous is None else float(previous[j])
+            reason = rules[k].check(float(cost[j]), before, dW[:, j], float(db[j]))
+            if reason is not None:
+                stop[k], keep[j] = reason, False
+        return keep
+
+    keep = stopped(None)
     for iteration in range(1, iterations + 1):
+        if not keep.all():
+            active, cost, dW, db = active[keep], cost[keep], dW[:, keep], db[keep]
+            if not active.size:
+                break
         step = rates[active]  # (Ka,)
         W_next = V[:, active] - step * dW  # (n, Ka)
         b_next = c[active] - learning_rate[active] * db  # (Ka,)
         previous = cost
         if nesterov:
-            t[active[rises[active] > 0]] = 1.0  # restart: no momentum after a rise
+            restart = np.array([rules[k].rises > 0 for k in active], dtype=bool)
+            t[active[restart]] = 1.0  # restart: no momentum after a rise
             t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t[active] * t[active]))
             momentum = (t[active] - 1.0) / t_next  # (Ka,)
             V[:, active] = W_next + momentum.astype(dtype) * (W_next - W[:, active])
@@ -459,22 +468,7 @@ def _descent_many(
         b[active] = b_next
         cost, dW, db = loss(V[:, active], c[active], l2[active])
         record(iteration, active, cost, dW, db)
-        keep = np.ones(active.size, dtype=bool)
-        for j, k in enumerate(active):
-            if not math.isfinite(cost[j]) or not math.isfinite(grad_norms[k][-1]):
-                stop[k], keep[j] = "diverged", False
-                continue
-            rises[k] = rises[k] + 1 if cost[j] > previous[j] + rise_rtol * abs(previous[j]) else 0
-            if rises[k] >= DIVERGENCE_PATIENCE or cost[j] > initial[k] + rise_rtol * abs(
-                initial[k]
-            ):
-                stop[k], keep[j] = "diverged", False
-            elif abs(cost[j] - previous[j]) < tol:
-                stop[k], keep[j] = "tolerance", False
-        if not keep.all():
-            active, cost, dW, db = active[keep], cost[keep], dW[:, keep], db[keep]
-            if not active.size:
-                break
+        keep = stopped(previous)
     return GridFitResult(
         w=V,
         b=c,

@@ -1,28 +1,23 @@
-"""The training loops (the only loops: over iterations), their stop rules and FitResult."""
+"""The training loops of one model (the only loops: over iterations) and FitResult.
+
+Every solver stops by :class:`lr_kernel.convergence.StopRule`; the grid of
+many models (:mod:`lr_kernel.grid`) builds on this module, never the reverse.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal
 
 import numpy as np
 
+from lr_kernel.convergence import StopReason, StopRule, gradient_max
 from lr_kernel.loss import Engine, FloatArray, FusedLoss, LossFunction
 
-if TYPE_CHECKING:
-    from numpy.typing import NDArray
-
-    from lr_kernel.grid import GridFitResult
-
-StopReason = Literal["iterations", "tolerance", "diverged"]
 Optimizer = Literal["gd", "nesterov", "lbfgs"]
 OPTIMIZERS: tuple[Optimizer, ...] = ("gd", "nesterov", "lbfgs")
-
-# A rise of the cost larger than rounding, this many updates in a row, is divergence.
-# One rise alone is not: near the optimum the cost moves by a few ulps either way.
-DIVERGENCE_PATIENCE = 3
 
 
 @dataclass(frozen=True)
@@ -38,17 +33,18 @@ class FitResult:
     cost_history : ndarray of shape (n_iterations + 1,), float64
         ``cost_history[i]`` is the cost before update ``i + 1``.
     gradient_norm_history : ndarray of shape (n_iterations + 1,), float64
-        Euclidean norm of ``(dw, db)`` at the same parameters.
+        ``max |∇J|``, the largest absolute component of ``(dw, db)``, at the
+        same parameters: what the stop rule compares with ``tol``.
     n_iterations : int
         Updates applied.
     converged : bool
-        True when the tolerance rule stopped the run.
-    stop_reason : {"iterations", "tolerance", "diverged"}
-        ``"diverged"``: the cost became NaN or infinite, rose above the initial
-        cost, or rose for ``DIVERGENCE_PATIENCE`` updates in a row. A step that is
-        stable for this data (below 2/L) lowers the cost at every update, so each
-        of these means the learning rate is too large; the parameters are then
-        not usable.
+        True exactly when ``stop_reason == "tolerance"``: ``max |∇J| <= tol``.
+    stop_reason : {"iterations", "tolerance", "diverged", "stalled"}
+        See :class:`~lr_kernel.convergence.StopRule`. ``"iterations"``: the cap
+        was reached first. ``"diverged"``: the parameters are not usable (the
+        learning rate is too large). ``"stalled"``: a line search could lower
+        the cost no further while ``max |∇J| > tol``; the parameters are as
+        good as the data's rounding allows, ``tol`` is below that.
     """
 
     w: FloatArray
@@ -124,11 +120,17 @@ class _History:
     def record(self, cost: float, dw: FloatArray, db: float, w: FloatArray, b: float) -> None:
         """Add the row of the parameters ``(w, b)``, whose cost and gradients these are."""
         self.costs.append(cost)
-        self.grad_norms.append(math.hypot(float(np.linalg.norm(dw)), db))
+        self.grad_norms.append(gradient_max(dw, db))
         if self.callback is not None:
             self.callback(len(self.costs) - 1, cost)
         if self.monitor is not None:
             self.monitor(len(self.costs) - 1, w, b)
+
+    def stop_rule(self, tol: float, dtype: np.dtype[np.floating]) -> StopRule:
+        """The run's stop rule, with a resumed run's divergence counter rebuilt."""
+        rule = StopRule(tol, dtype, self.costs[0])
+        rule.rises = self.trailing_rises(rule.rise_rtol)
+        return rule
 
     def trailing_rises(self, rise_rtol: float) -> int:
         """Rises in a row at the end of the history: the divergence counter, rebuilt."""
@@ -179,7 +181,6 @@ class _History:
         )
 
 
-@overload
 def fit(
     X: FloatArray,
     Y: FloatArray,
@@ -200,50 +201,8 @@ def fit(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     monitor: Callable[[int, FloatArray, float], None] | None = None,
-) -> FitResult: ...
-
-
-@overload
-def fit(
-    X: FloatArray,
-    Y: FloatArray,
-    *,
-    learning_rate: float | Sequence[float] | NDArray[np.floating] | None = None,
-    iterations: int,
-    l2: float | Sequence[float] | NDArray[np.floating] = 0.0,
-    tol: float = 0.0,
-    w0: FloatArray | None = None,
-    b0: float = 0.0,
-    callback: Callable[[int, NDArray[np.float64]], None] | None = None,
-    optimizer: Optimizer = "gd",
-    block_size: int | None = None,
-    n_threads: int = 1,
-    sample_weight: FloatArray | None = None,
-) -> GridFitResult: ...
-
-
-def fit(
-    X: FloatArray,
-    Y: FloatArray,
-    *,
-    learning_rate: float | Sequence[float] | NDArray[np.floating] | None = None,
-    iterations: int,
-    l2: float | Sequence[float] | NDArray[np.floating] = 0.0,
-    tol: float = 0.0,
-    w0: FloatArray | None = None,
-    b0: float = 0.0,
-    callback: Callable[[int, Any], None] | None = None,
-    optimizer: Optimizer = "gd",
-    block_size: int | None = None,
-    n_threads: int = 1,
-    engine: Engine = "auto",
-    sample_weight: FloatArray | None = None,
-    resume: TrainState | None = None,
-    checkpoint_every: int = 0,
-    on_checkpoint: Callable[[TrainState], None] | None = None,
-    monitor: Callable[[int, FloatArray, float], None] | None = None,
-) -> FitResult | GridFitResult:
-    """Minimize the regularized log-loss with full-batch gradient descent or a faster solver.
+) -> FitResult:
+    """Fit one model: minimize the regularized log-loss by gradient descent or a faster solver.
 
     Every solver calls one :class:`~lr_kernel.FusedLoss` built here, so each
     iteration reads ``X`` once and allocates nothing of size ``n_examples``.
@@ -262,9 +221,9 @@ def fit(
     l2 : float, default 0.0
         L2 penalty strength (>= 0).
     tol : float, default 0.0
-        Stop when ``|J_k - J_{k-1}| < tol`` (0 disables the rule). For
-        ``"lbfgs"`` it is SciPy's ``ftol``: ``(J_{k-1} - J_k) / max(|J_k|, |J_{k-1}|, 1)
-        <= tol``, the same rule while the cost is at most 1.
+        Converged when ``max |∇J| <= tol``: every component of the gradient
+        (terms and intercept, on ``X``'s scale) at most ``tol``, for every
+        solver (:class:`~lr_kernel.convergence.StopRule`); 0 never converges.
     w0 : ndarray of shape (n_features, 1), optional
         Initial weights (zeros by default); copied, never modified.
     b0 : float, default 0.0
@@ -301,19 +260,11 @@ def fit(
     Returns
     -------
     FitResult
-        Or, given a sequence of ``l2`` values and/or learning rates, the
-        :class:`~lr_kernel.GridFitResult` of every candidate trained together
-        (see :func:`~lr_kernel.fit_many`).
+
+    A grid of ``l2`` values or learning rates is :func:`~lr_kernel.fit_many`'s.
     """
     if not isinstance(l2, int | float) or not isinstance(learning_rate, int | float | None):
-        if resume is not None or on_checkpoint is not None or monitor is not None:
-            raise ValueError("a grid of candidates takes no resume, checkpoints or monitor")
-        from lr_kernel.grid import fit_many  # grid.py builds on this module
-
-        return fit_many(X, Y, learning_rate=learning_rate, iterations=iterations, l2=l2, tol=tol,
-                        w0=w0, b0=b0, callback=callback, optimizer=optimizer,
-                        block_size=block_size, n_threads=n_threads,
-                        sample_weight=sample_weight)  # fmt: skip
+        raise TypeError("fit fits one model: l2 and learning_rate are numbers (a grid: fit_many)")
     m = X.shape[1]
     if Y.shape != (1, m):
         raise ValueError(f"Y must have shape (1, {m}), got {Y.shape}")
@@ -403,11 +354,6 @@ def fit_loss(
     return _gradient_descent(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
 
 
-def _rise_rtol(loss: LossFunction) -> float:
-    # Rounding noise on a float64-summed cost whose terms are in X's dtype.
-    return 64 * float(np.finfo(loss.dtype).eps)
-
-
 def _gradient_descent(
     loss: LossFunction,
     w: FloatArray,
@@ -418,30 +364,22 @@ def _gradient_descent(
     tol: float,
     history: _History,
 ) -> FitResult:
-    rise_rtol = _rise_rtol(loss)
     cost, dw, db = loss(w, b, l2)
     history.start(cost, dw, db, w, b)
-    initial = history.costs[0]
-    stop_reason: StopReason = "iterations"
-    rises = history.trailing_rises(rise_rtol)
+    rule = history.stop_rule(tol, loss.dtype)
+    stop_reason = rule.check(cost, None, dw, db)
     for _ in range(iterations - history.n_iterations):
+        if stop_reason is not None:
+            break
         w -= learning_rate * dw
         b -= learning_rate * db
         previous = cost
         cost, dw, db = loss(w, b, l2)
         history.record(cost, dw, db, w, b)
-        if not math.isfinite(cost) or not math.isfinite(history.grad_norms[-1]):
-            stop_reason = "diverged"
-            break
-        rises = rises + 1 if cost > previous + rise_rtol * abs(previous) else 0
-        if rises >= DIVERGENCE_PATIENCE or cost > initial + rise_rtol * abs(initial):
-            stop_reason = "diverged"
-            break
-        if abs(cost - previous) < tol:
-            stop_reason = "tolerance"
-            break
-        history.checkpoint("gd", w, b)
-    return history.result(w, b, stop_reason)
+        stop_reason = rule.check(cost, previous, dw, db)
+        if stop_reason is None:
+            history.checkpoint("gd", w, b)
+    return history.result(w, b, stop_reason or "iterations")
 
 
 def _nesterov(
@@ -462,10 +400,9 @@ def _nesterov(
     so ``cost_history[-1]`` is the cost of the returned parameters. When the
     cost rises, momentum is dropped (O'Donoghue & Candès 2015), so the next
     update is a plain gradient step: a rise that survives
-    ``DIVERGENCE_PATIENCE`` updates in a row is a step that is too large, as
+    ``convergence.DIVERGENCE_PATIENCE`` updates in a row is a step that is too large, as
     for ``"gd"``, and so is a cost above the initial cost.
     """
-    rise_rtol = _rise_rtol(loss)
     v, c = w, b  # the evaluation point (v, c); (w, b) is the last gradient step
     t = 1.0
     if momentum_state:
@@ -474,14 +411,15 @@ def _nesterov(
         t = float(momentum_state["t"])
     cost, dw, db = loss(v, c, l2)
     history.start(cost, dw, db, v, c)
-    initial = history.costs[0]
-    stop_reason: StopReason = "iterations"
-    rises = history.trailing_rises(rise_rtol)
+    rule = history.stop_rule(tol, loss.dtype)
+    stop_reason = rule.check(cost, None, dw, db)
     for _ in range(iterations - history.n_iterations):
+        if stop_reason is not None:
+            break
         w_next = v - learning_rate * dw
         b_next = c - learning_rate * db
         previous = cost
-        if rises:
+        if rule.rises:
             t = 1.0  # restart: the step after a rise carries no momentum
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         momentum = (t - 1.0) / t_next
@@ -490,18 +428,10 @@ def _nesterov(
         w, b, t = w_next, b_next, t_next
         cost, dw, db = loss(v, c, l2)
         history.record(cost, dw, db, v, c)
-        if not math.isfinite(cost) or not math.isfinite(history.grad_norms[-1]):
-            stop_reason = "diverged"
-            break
-        rises = rises + 1 if cost > previous + rise_rtol * abs(previous) else 0
-        if rises >= DIVERGENCE_PATIENCE or cost > initial + rise_rtol * abs(initial):
-            stop_reason = "diverged"
-            break
-        if abs(cost - previous) < tol:
-            stop_reason = "tolerance"
-            break
-        history.checkpoint("nesterov", v, c, {"w_step": w, "b_step": b, "t": t})
-    return history.result(v, c, stop_reason)
+        stop_reason = rule.check(cost, previous, dw, db)
+        if stop_reason is None:
+            history.checkpoint("nesterov", v, c, {"w_step": w, "b_step": b, "t": t})
+    return history.result(v, c, stop_reason or "iterations")
 
 
 def _lbfgs(
@@ -546,12 +476,22 @@ def _lbfgs(
 
     theta0 = np.concatenate([w.ravel().astype(np.float64), [b]])
     history.start(*evaluated_at(theta0), *parameters(theta0))
+    rule = history.stop_rule(tol, dtype)
     accepted = [theta0]
+    cost0, dw0, db0 = evaluated_at(theta0)
+    stop_reason = rule.check(cost0, None, dw0, db0, monotone=True)
+    if stop_reason is not None:
+        return history.result(*parameters(theta0), stop_reason)
 
     def on_iteration(intermediate_result: Any) -> None:  # a scipy OptimizeResult
+        nonlocal stop_reason
         theta = np.asarray(intermediate_result.x, dtype=np.float64)
         accepted.append(theta.copy())
-        history.record(*evaluated_at(theta), *parameters(theta))
+        cost, dw, db = evaluated_at(theta)
+        history.record(cost, dw, db, *parameters(theta))
+        stop_reason = rule.check(cost, None, dw, db, monotone=True)
+        if stop_reason is not None:
+            raise StopIteration  # SciPy ends the run at this iterate
         history.checkpoint("lbfgs", *parameters(theta))
 
     # Imported here: scipy.optimize takes half a second to import, and only
@@ -567,21 +507,21 @@ def _lbfgs(
         options={
             "maxiter": max(1, iterations - history.n_iterations),
             "maxfun": max(15_000, 20 * iterations),
-            "ftol": tol,
-            # Our only convergence rule is on the cost, as for the other solvers.
+            # SciPy's own rules off: the run converges only by the StopRule
+            # (raised from the callback). ftol = 0 still ends a run whose cost
+            # no longer decreases at all.
+            "ftol": 0.0,
             "gtol": 0.0,
         },
     )
     theta = accepted[-1]
-    final_cost = history.costs[-1]
-    stop_reason: StopReason
-    if not math.isfinite(final_cost):
-        stop_reason = "diverged"
-    elif result.status == 1:  # iteration or evaluation budget spent
-        stop_reason = "iterations"
-    else:
-        # 0: the ftol rule. 2 (ABNORMAL): the line search found no lower cost,
-        # which for this smooth convex loss means rounding-level convergence.
-        stop_reason = "tolerance"
-    w_final = theta[:n].reshape(n, 1).astype(dtype)
-    return history.result(w_final, float(theta[n]), stop_reason)
+    if stop_reason is None:
+        if not math.isfinite(history.costs[-1]):
+            stop_reason = "diverged"
+        elif result.status == 1:  # iteration or evaluation budget spent
+            stop_reason = "iterations"
+        else:
+            # 0 (no decrease of the cost) or 2 (ABNORMAL: the line search found
+            # no lower cost) while max |∇J| > tol: rounding stops it.
+            stop_reason = "stalled"
+    return history.result(*parameters(theta), stop_reason)

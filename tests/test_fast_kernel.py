@@ -107,11 +107,15 @@ def test_every_optimizer_reaches_scikit_learns_optimum(optimizer):
     X = np.ascontiguousarray(features.T)
     Y = data.target.reshape(1, -1).astype(np.float64)
     l2 = 1.0
-    result = fit(X, Y, learning_rate=1.0, iterations=200_000, l2=l2, tol=1e-15, optimizer=optimizer)
+    result = fit(X, Y, learning_rate=1.0, iterations=200_000, l2=l2, tol=1e-9, optimizer=optimizer)
     assert result.stop_reason == "tolerance" and result.converged
-    oracle = LogisticRegression(C=1 / l2, tol=1e-12, max_iter=10_000).fit(features, data.target)
+    assert result.gradient_norm_history[-1] <= 1e-9
+    dw, db = loss_and_gradients(X, Y, result.w, result.b, l2)[1:]
+    assert max(np.abs(dw).max(), abs(db)) == result.gradient_norm_history[-1]
+    oracle = LogisticRegression(C=1 / l2, solver="newton-cholesky", tol=1e-12, max_iter=100)
+    oracle.fit(features, data.target)
     ours = 1 / (1 + np.exp(-(result.w.T @ X + result.b))).ravel()
-    np.testing.assert_allclose(ours, oracle.predict_proba(features)[:, 1], atol=1e-4)
+    np.testing.assert_allclose(ours, oracle.predict_proba(features)[:, 1], atol=1e-6)
     cost_at_result = loss_and_gradients(X, Y, result.w, result.b, l2)[0]
     assert result.cost_history[-1] == pytest.approx(cost_at_result, rel=1e-12)
 

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from lr_kernel import FitResult, FusedLoss, FusedLossMany, GridFitResult, fit, grid_candidates
+from lr_kernel import (
+    FitResult,
+    FusedLoss,
+    FusedLossMany,
+    GridFitResult,
+    fit,
+    fit_many,
+    grid_candidates,
+)
 from tests.test_fast_kernel import make_problem
 
 # The GEMM sums X dZᵀ in another order than the GEMV: parameters agree to
@@ -92,7 +100,7 @@ def test_each_candidate_equals_its_own_fit_while_others_stop(optimizer):
     # each stopped candidate is frozen while the rest go on.
     X, Y = make_problem(n=5, m=2000, seed=11, scale=2.0)
     kwargs = {"iterations": 150, "optimizer": optimizer, "block_size": 300, "n_threads": 2}
-    grid = fit(X, Y, l2=[0.0, 1.0, 50.0], learning_rate=[0.05, 0.5, 30.0], **kwargs)
+    grid = fit_many(X, Y, l2=[0.0, 1.0, 50.0], learning_rate=[0.05, 0.5, 30.0], **kwargs)
     assert len(grid) == 9 and grid.w.shape == (5, 9) and grid.b.shape == (9,)
     assert grid.stop_reason.count("diverged") == 3
     assert set(grid.stop_reason[k] for k in range(9) if grid.learning_rate[k] < 1) == {"iterations"}
@@ -102,7 +110,7 @@ def test_each_candidate_equals_its_own_fit_while_others_stop(optimizer):
 def test_tolerance_stops_each_candidate_at_its_own_iteration():
     X, Y = make_problem(n=4, m=800, seed=12)
     kwargs = {"iterations": 5000, "tol": 1e-7}
-    grid = fit(X, Y, learning_rate=[0.2, 2.0], l2=0.0, **kwargs)
+    grid = fit_many(X, Y, learning_rate=[0.2, 2.0], l2=0.0, **kwargs)
     assert grid.stop_reason == ("tolerance", "tolerance")
     assert grid.converged.tolist() == [True, True]
     assert grid.n_iterations[0] > grid.n_iterations[1]  # the small step needs longer
@@ -112,7 +120,7 @@ def test_tolerance_stops_each_candidate_at_its_own_iteration():
 def test_callback_reports_every_candidate_and_nan_once_stopped():
     X, Y = make_problem(n=3, m=300, seed=13, scale=3.0)
     seen = []
-    grid = fit(
+    grid = fit_many(
         X, Y, learning_rate=[0.1, 1e4], iterations=5, callback=lambda i, c: seen.append((i, c))
     )
     assert grid.stop_reason == ("iterations", "diverged")
@@ -126,7 +134,7 @@ def test_one_candidate_is_todays_fit_bit_for_bit():
     X, Y = make_problem(n=4, m=500, seed=14)
     single = fit(X, Y, learning_rate=0.7, l2=0.3, iterations=40)
     assert isinstance(single, FitResult)
-    grid = fit(X, Y, learning_rate=[0.7], l2=[0.3], iterations=40)
+    grid = fit_many(X, Y, learning_rate=[0.7], l2=[0.3], iterations=40)
     assert isinstance(grid, GridFitResult) and len(grid) == 1
     np.testing.assert_array_equal(grid.w, single.w)
     np.testing.assert_array_equal(grid.cost_history[0], single.cost_history)
@@ -135,13 +143,13 @@ def test_one_candidate_is_todays_fit_bit_for_bit():
 
 def test_lbfgs_fits_an_l2_grid_one_candidate_at_a_time():
     X, Y = make_problem(n=4, m=500, seed=15)
-    grid = fit(X, Y, l2=[0.1, 10.0], iterations=50, optimizer="lbfgs", tol=1e-12)
+    grid = fit_many(X, Y, l2=[0.1, 10.0], iterations=50, optimizer="lbfgs", tol=1e-12)
     for k, l2 in enumerate([0.1, 10.0]):
         single = fit(X, Y, l2=l2, iterations=50, optimizer="lbfgs", tol=1e-12)
         np.testing.assert_array_equal(grid.w[:, k : k + 1], single.w)
     assert np.isnan(grid.learning_rate).all()
     with pytest.raises(ValueError, match="learning_rate grid"):
-        fit(X, Y, learning_rate=[0.1, 1.0], iterations=5, optimizer="lbfgs")
+        fit_many(X, Y, learning_rate=[0.1, 1.0], iterations=5, optimizer="lbfgs")
 
 
 @pytest.mark.parametrize(
@@ -157,4 +165,25 @@ def test_lbfgs_fits_an_l2_grid_one_candidate_at_a_time():
 def test_bad_grids_are_rejected(kwargs, message):
     X, Y = make_problem()
     with pytest.raises(ValueError, match=message):
-        fit(X, Y, iterations=3, **kwargs)
+        fit_many(X, Y, iterations=3, **kwargs)
+
+
+def test_fit_fits_one_model_and_refuses_a_grid():
+    X, Y = make_problem()
+    with pytest.raises(TypeError, match="fit_many"):
+        fit(X, Y, iterations=3, learning_rate=0.1, l2=[0.1, 1.0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fit_many"):
+        fit(X, Y, iterations=3, learning_rate=[0.1, 1.0])  # type: ignore[arg-type]
+
+
+def test_the_grid_builds_on_the_single_fit_and_not_the_reverse():
+    import ast
+    import pathlib
+
+    import lr_kernel.train
+
+    tree = ast.parse(pathlib.Path(lr_kernel.train.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "lr_kernel.grid" not in imported
