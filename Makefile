@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/lrflow train --data data/sample.parquet --output out/sample
+	$(BIN)/lrflow train --data data/sample.parquet --output out/sample --exclude id
 
 lint: setup
 	$(BIN)/ruff check .
