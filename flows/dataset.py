@@ -297,6 +297,16 @@ def iter_batches(
     position = piece.first_row
     try:
         parquet = pq.ParquetFile(piece.path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+        for field in parquet.schema_arrow:
+            # Polars panics (a multi-line Rust message, not an exception) converting these.
+            if field.name in columns and pa.types.is_decimal(field.type):
+                if field.type.precision > 38:
+                    raise DataError(
+                        f"cannot read data (decimal precision {field.type.precision} "
+                        "is above the 38 digits Polars holds)",
+                        path=piece.path,
+                        column=field.name,
+                    )
         for batch in parquet.iter_batches(
             batch_size=batch_rows,
             row_groups=None if piece.row_groups is None else list(piece.row_groups),
@@ -309,7 +319,7 @@ def iter_batches(
             position += frame.height
     except DataError:
         raise
-    except (OSError, pa.ArrowException) as error:
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as error:
         raise DataError(f"cannot read data ({_first_line(error)})", path=piece.path) from None
 
 

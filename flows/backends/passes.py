@@ -81,6 +81,17 @@ def learn(
     train = Summary.merged(train_parts, prep.max_levels)
     validation = Summary.merged(validation_parts, prep.max_levels)
     everything = Summary.merged([train, validation], prep.max_levels)
+    if prep.validation_fraction == 0 and len(train.labels) == 2:
+        # Separate validation data: a label value of its own is its error, not the training
+        # data's ("label has 3 distinct values" would name the training files).
+        foreign = sorted(v for v in validation.labels if v not in train.labels)
+        if foreign:
+            known = ", ".join(repr(v) for v in sorted(train.labels))
+            raise DataError(
+                f"label value {foreign[0]!r} of the validation data is not one of the "
+                f"training labels ({known})",
+                column=prep.choice.label,
+            )
     plan = learn_plan(train, everything, prep)
     if prep.validation_fraction > 0 and validation.rows == 0:
         raise DataError(
