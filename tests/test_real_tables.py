@@ -223,3 +223,149 @@ def test_bad_tables_fail_naming_the_column_and_the_remedy(tmp_path):
     negative = frame.with_columns(pl.lit(-1.0).alias("weight"))
     with pytest.raises(DataError, match="column 'weight': weight has 500 negative values"):
         fit_table(tmp_path, negative, weight="weight", missing="impute")
+
+
+def test_a_search_runs_on_every_backend_and_picks_the_same_candidate(tmp_path):
+    frame = raw_table(2000, seed=4)
+    settings = {
+        "exclude": ["customer_id", "weight"],
+        "missing": "impute",
+        "optimizer": "gd",
+        "learning_rate": 1.0,
+        "iterations": 100,
+        "l2": [0.1, 30.0, 3000.0],
+    }
+    from flows.search import run_search
+
+    chosen = {}
+    for backend in ("memory", "stream"):
+        path = tmp_path / backend / "table.parquet"
+        path.parent.mkdir(parents=True)
+        frame.write_parquet(path)
+        config = TrainConfig(
+            data=str(path),
+            output=str(tmp_path / backend / "out"),
+            label="churned",
+            backend=backend,
+            cache_dir=str(tmp_path / "cache"),
+            **settings,
+        )
+        data = open_training_data(config, *plan_run(config))
+        try:
+            search = run_search(data, config, n_threads=1)
+        finally:
+            data.close()
+        chosen[backend] = (search.selected, search.validation_log_loss)
+    assert chosen["stream"][0] == chosen["memory"][0]
+    np.testing.assert_allclose(chosen["stream"][1], chosen["memory"][1], rtol=1e-9)
+
+
+def score_with(tmp_path: Path, model_dir: Path, frame: pl.DataFrame, **kwargs):
+    from flows.scoring import load_model, plan_scoring, score_to_parquet
+
+    path = tmp_path / "new" / "batch.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path)
+    model = load_model(model_dir)
+    plan = plan_scoring(model, path, **kwargs)
+    return model, score_to_parquet(plan, model, tmp_path / "scores" / "p.parquet")
+
+
+def trained_model_dir(tmp_path: Path, frame: pl.DataFrame) -> Path:
+    """A model written as `lrflow train` writes it (the flow's own output writer)."""
+    from datetime import datetime, timezone
+
+    from flows.outputs import write_run_outputs
+
+    config = TrainConfig(
+        data=str(tmp_path / "in" / "table.parquet"),
+        output=str(tmp_path / "model"),
+        label="churned",
+        exclude=["customer_id", "weight"],
+        missing="impute",
+        validation_fraction=0,
+        **TIGHT,
+    )
+    (tmp_path / "in").mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(config.data)
+    data = open_training_data(config, *plan_run(config))
+    result = fit_dataset(data, config)
+    write_run_outputs(
+        Path(config.output), data, result, config, started_at=datetime.now(timezone.utc)
+    )
+    return Path(config.output)
+
+
+def test_scoring_applies_the_stored_plan_unseen_levels_as_the_reference(tmp_path):
+    frame = raw_table(1500, seed=5)
+    model_dir = trained_model_dir(tmp_path, frame)
+    params = dict(
+        pl.read_parquet(model_dir / "params.parquet").select("term", "estimate").iter_rows()
+    )
+    # Next month: a new city, no Oslo rows, nulls in age and city, no label column.
+    batch = pl.DataFrame(
+        {
+            "customer_id": [1, 2, 3, 4],
+            "city": ["madrid", "rome", None, "berlin"],
+            "tier": pl.Series(["gold", "basic", "basic", "gold"]).cast(pl.Categorical),
+            "smoker": [True, False, False, True],
+            "age": [50.0, None, 30.0, 41.0],
+            "income": [2.0, 3.0, 1.5, 2.5],
+        }
+    )
+    model, result = score_with(tmp_path, model_dir, batch)
+    assert result.unseen == {"city": 2}  # madrid, and a null where training had none
+    assert result.imputed == {"age": 1}
+    assert result.metrics is None  # no label: nothing to measure
+    scores = pl.read_parquet(result.output)
+    assert scores.columns == ["customer_id", "probability", "prediction"]
+    mean_age = model.plan.features[[f.name for f in model.plan.features].index("age")].impute
+    # By hand from params.parquet, raw scale: Madrid and the null city score as Berlin.
+    rows = [
+        {"tier=gold": 1, "smoker": 1, "age": 50.0, "income": 2.0},
+        {"city=rome": 1, "age": mean_age, "age=(missing)": 1, "income": 3.0},
+        {"age": 30.0, "income": 1.5},
+        {"tier=gold": 1, "smoker": 1, "age": 41.0, "income": 2.5},
+    ]
+    expected = [
+        1 / (1 + np.exp(-(params["(Intercept)"] + sum(params[t] * v for t, v in row.items()))))
+        for row in rows
+    ]
+    np.testing.assert_allclose(scores["probability"].to_numpy(), expected, rtol=1e-12)
+    with pytest.raises(DataError, match=r"column 'city': 1 values of levels not seen in training"):
+        score_with(tmp_path, model_dir, batch.drop_nulls("city"), unseen="error")
+
+
+def test_scoring_labelled_data_also_writes_its_metrics(tmp_path):
+    frame = raw_table(1500, seed=6)
+    model_dir = trained_model_dir(tmp_path, frame)
+    fresh = raw_table(800, seed=7).drop("weight")
+    _, result = score_with(tmp_path, model_dir, fresh)
+    assert result.metrics_file is not None and result.metrics is not None
+    metrics = pl.read_parquet(result.metrics_file)
+    assert metrics["split"].unique().to_list() == ["scored"]
+    from lr_kernel.metrics import binary_metrics
+
+    p = pl.read_parquet(result.output)["probability"].to_numpy()
+    y = (fresh["churned"] == "yes").to_numpy().astype(float).reshape(1, -1)
+    exact = binary_metrics(np.log(p / (1 - p)).reshape(1, -1), y)
+    got = dict(zip(metrics["metric"], metrics["value"], strict=True))
+    for name in ("log_loss", "accuracy", "precision", "recall"):
+        assert got[name] == pytest.approx(exact[name], rel=1e-9)
+    assert got["roc_auc"] == pytest.approx(exact["roc_auc"], abs=1e-4)
+
+
+def test_help_is_readable_at_80_columns():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"},
+        check=True,
+    ).stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for flag in ("--validation-fraction", "--missing", "--class-weight", "--max-levels"):
+        assert flag in out
