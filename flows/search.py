@@ -101,7 +101,8 @@ def run_search(dataset: Dataset, config: TrainConfig, n_threads: int) -> SearchR
             "give --validation-fraction > 0 or --validation-data"
         )
     train = dataset
-    rates = None if config.optimizer == "lbfgs" else _listed(config.learning_rate)
+    searching = config.optimizer in ("lbfgs", "newton", "auto")
+    rates = None if searching else _listed(config.learning_rate)
     # As for a single fit: the kernel's own threads, BLAS on one thread under them.
     with kernel_threads(n_threads):
         grid = fit_many(
