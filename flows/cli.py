@@ -111,7 +111,10 @@ def train(
         float, typer.Option(help="Converged when every gradient component is <= this.")
     ] = 1e-8,
     optimizer: Annotated[
-        str, typer.Option(help="gd, nesterov or lbfgs (lbfgs ignores --learning-rate).")
+        str,
+        typer.Option(
+            help="gd, nesterov, lbfgs, newton or auto (the last three ignore --learning-rate)."
+        ),
     ] = "gd",
     threads: Annotated[
         int | None, typer.Option(help="Kernel threads [default: the available cores].")

@@ -68,8 +68,10 @@ class TrainConfig(BaseModel):
         allow_inf_nan=False,
         description="Converged when max |∇J| <= tol, on the standardized scale (0: never).",
     )
-    optimizer: Literal["gd", "nesterov", "lbfgs"] = Field(
-        default="gd", description="gd (the seeds'), nesterov (accelerated) or lbfgs (SciPy)."
+    optimizer: Literal["gd", "nesterov", "lbfgs", "newton", "auto"] = Field(
+        default="gd",
+        description="gd (the seeds'), nesterov (accelerated), lbfgs (SciPy), newton, or auto "
+        "(newton up to 200 features, else lbfgs).",
     )
     threads: int | None = Field(
         default=None, ge=1, description="Kernel threads (default: the cores this process may use)."
@@ -221,9 +223,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _lbfgs_has_no_learning_rate_grid(self) -> "TrainConfig":
-        if self.optimizer == "lbfgs" and isinstance(self.learning_rate, list):
+        if self.optimizer in ("lbfgs", "newton", "auto") and isinstance(self.learning_rate, list):
             raise ValueError(
-                "lbfgs searches its own steps: a learning-rate list needs gd or nesterov"
+                f"{self.optimizer} searches its own steps: "
+                "a learning-rate list needs gd or nesterov"
             )
         return self
 

@@ -275,6 +275,54 @@ def share_sums(
     return loss_sum, db_sum
 
 
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+def _pointwise_curvature(
+    u: Any, y: Any, weights: Any, weighted: bool, s: int, k: int, losses: Any, curvature: Any
+) -> None:
+    """:func:`_pointwise_weighted` plus ``curvature = s a (1 - a)``, for the Hessian pass.
+
+    ``a (1 - a) = e / (1 + e)²`` with ``e = exp(-|Z|)``: exact where ``a`` rounds to 1.
+    """
+    for j in range(k):
+        uj = u[j]
+        yj = y[s + j]
+        sj = weights[s + j] if weighted else 1.0
+        ex = _exp_nonpositive(-uj if uj > 0.0 else uj)  # exp(-|U|), in (0, 1]
+        losses[j] = sj * ((uj if uj > 0.0 else 0.0) + _log1p_unit(ex) - (1.0 - yj) * uj)
+        u[j] = sj * ((1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj)
+        curvature[j] = sj * ex / ((1.0 + ex) * (1.0 + ex))
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def block_curvature(
+    X: Any,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_w: Any,
+    b: float,
+    s: int,
+    e: int,
+    u: Any,
+    losses: Any,
+    curvature: Any,
+    dw: Any,
+) -> tuple[float, float]:
+    """One block ``[s, e)`` of the Hessian pass: :func:`share_sums`'s work plus the curvature.
+
+    ``curvature[:e-s]`` receives ``s a (1 - a)`` (float64), for the caller's block
+    product ``Xb diag(curvature) Xbᵀ`` (a BLAS call, while ``Xb`` is in cache).
+    Other arguments and results as :func:`share_sums`.
+    """
+    zero = u[0] * 0
+    k = e - s
+    _forward(X, neg_w, b, s, e, u)
+    _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature)
+    loss_sum, db_sum = _sums(losses, u, k)
+    _backward(X, s, e, u, zero, dw)
+    return loss_sum, db_sum
+
+
 # The scalar functions above as ufuncs over float64 arrays, for tests.
 exp_nonpositive = nb.vectorize(["float64(float64)"], cache=True)(_exp_nonpositive.py_func)
 log1p_unit = nb.vectorize(["float64(float64)"], cache=True)(_log1p_unit.py_func)

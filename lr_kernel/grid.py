@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from lr_kernel.convergence import StopReason, StopRule, gradient_max
 from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, BlockedPass, FloatArray
-from lr_kernel.train import OPTIMIZERS, FitResult, Optimizer, fit
+from lr_kernel.train import OPTIMIZERS, SEARCHING, FitResult, Optimizer, fit
 
 # Bytes of X in one block, half FusedLoss's: the second GEMM, which reads the
 # block from cache, takes about as long as the first for K >= 8, so the block
@@ -215,7 +215,8 @@ class GridFitResult:
     b : ndarray of shape (K,), float64
         Final intercepts.
     l2, learning_rate : ndarray of shape (K,), float64
-        Each candidate's values (``learning_rate`` is NaN for ``"lbfgs"``).
+        Each candidate's values (``learning_rate`` is NaN for the optimizers that
+        search their own steps: ``"lbfgs"``, ``"newton"``, ``"auto"``).
     cost_history, gradient_norm_history : tuple of K ndarrays, float64
         Candidate ``k``'s rows, of length ``n_iterations[k] + 1``, as in
         :class:`~lr_kernel.FitResult`.
@@ -318,7 +319,8 @@ def fit_many(
     once per iteration for all of them, and each candidate's parameters equal a
     single :func:`lr_kernel.fit` with its values up to float rounding. A
     candidate that meets the stop rule (:class:`~lr_kernel.convergence.StopRule`,
-    as in ``fit``) is frozen; the others go on. ``"lbfgs"`` picks its own steps per
+    as in ``fit``) is frozen; the others go on. ``"lbfgs"``, ``"newton"`` and
+    ``"auto"`` pick their own steps per
     candidate, so its candidates are fitted one after another (``l2`` grid
     only). One candidate is fitted by ``fit`` itself: the same result, bit for
     bit, as a single fit.
@@ -329,15 +331,18 @@ def fit_many(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if optimizer == "lbfgs" and learning_rate is not None and np.ndim(learning_rate) > 0:
-        raise ValueError("lbfgs searches its own steps: a learning_rate grid needs gd or nesterov")
-    l2_values, rates = grid_candidates(l2, None if optimizer == "lbfgs" else learning_rate)
+    searching = optimizer in SEARCHING  # no learning rate: candidates one at a time
+    if searching and learning_rate is not None and np.size(learning_rate) > 1:
+        raise ValueError(
+            f"{optimizer} searches its own steps: a learning_rate grid needs gd or nesterov"
+        )
+    l2_values, rates = grid_candidates(l2, None if searching else learning_rate)
     K = l2_values.size
     n, m = X.shape
     for value in l2_values:
         if not value >= 0 or not math.isfinite(value):
             raise ValueError(f"l2 must be >= 0 and finite, got {value}")
-    if optimizer != "lbfgs":
+    if not searching:
         if learning_rate is None:
             raise ValueError("learning_rate must be a positive finite number, got None")
         for rate in rates:
@@ -354,7 +359,7 @@ def fit_many(
         return fit(
             X,
             Y,
-            learning_rate=None if optimizer == "lbfgs" else float(rates[k]),
+            learning_rate=None if searching else float(rates[k]),
             iterations=iterations,
             l2=float(l2_values[k]),
             tol=tol,
@@ -367,7 +372,7 @@ def fit_many(
             sample_weight=sample_weight,
         )
 
-    if K == 1 or optimizer == "lbfgs":
+    if K == 1 or searching:
         return GridFitResult.from_fits([single(k) for k in range(K)], l2_values, rates)
     # fit's own checks, for the arguments it would see.
     if Y.shape != (1, m):

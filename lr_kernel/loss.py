@@ -6,7 +6,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,6 +33,10 @@ COMPILED_BLOCK_BYTES = 2**20
 # float64) up: below, importing numba and loading the compiled kernel (~0.7 s,
 # once per process) costs more than it can save.
 COMPILED_MIN_ELEMENTS = 2**22
+# Examples per step of the Hessian pass, at most: its work per example is a
+# GEMM of (n + 1)² multiply-adds, so short steps cost no speed, and keep the
+# scaled copy of the block, (n + 1) x this, small and in cache.
+HESSIAN_BLOCK = 4096
 
 
 def sigmoid(Z: FloatArray) -> FloatArray:
@@ -97,6 +101,23 @@ class LossFunction(Protocol):
     def __call__(
         self, w: FloatArray, b: float, l2: float = 0.0
     ) -> tuple[float, FloatArray, float]: ...
+
+
+@runtime_checkable
+class SecondOrderLoss(LossFunction, Protocol):
+    """A :class:`LossFunction` that also gives the Hessian: what ``"newton"`` needs.
+
+    A streamed or sharded loss provides it by adding the pieces'
+    :meth:`FusedLoss.hessian_sums` and finishing with :func:`loss_from_sums`
+    and :func:`hessian_from_sums`, as :meth:`FusedLoss.hessian` does.
+    """
+
+    def hessian(
+        self, w: FloatArray, b: float, l2: float = 0.0
+    ) -> tuple[float, FloatArray, float, NDArray[np.float64]]:
+        """``(cost, dw, db, H)``: :meth:`__call__`'s values and ``H`` of shape
+        ``(n_features + 1, n_features + 1)``, float64, intercept last."""
+        ...
 
 
 def default_block_size(n_features: int, dtype: np.dtype[np.floating]) -> int:
@@ -345,6 +366,10 @@ class FusedLoss(BlockedPass):
         # Per thread: the compiled engine's U/dZ and per-example losses, or the
         # NumPy engine's three block vectors and its GEMV output.
         self._compiled_share: Any = None
+        # The Hessian pass's scratch per thread, made on its first call.
+        self._hessian_scratch: dict[int, tuple[FloatArray, FloatArray, NDArray[np.float64]]] = {}
+        # Unweighted compiled calls pass this, unread, where the weights would go.
+        self._no_weights = np.ones(1, dtype)
         self._compiled_scratch: list[tuple[FloatArray, NDArray[np.float64]]] = []
         self._scratch: list[tuple[FloatArray, FloatArray, FloatArray]] = []
         self._gemv_out: list[FloatArray] = []
@@ -352,8 +377,6 @@ class FusedLoss(BlockedPass):
             from lr_kernel._compiled import share_sums  # imports numba
 
             self._compiled_share = share_sums
-            # Unweighted calls pass this, unread, where the weights would go.
-            self._no_weights = np.ones(1, dtype)
             self._compiled_scratch = [
                 (np.empty(block, dtype), np.empty(block, np.float64)) for _ in self._shares
             ]
@@ -396,6 +419,146 @@ class FusedLoss(BlockedPass):
             dw_sum += p[1]
         db_sum = math.fsum(p[2] for p in partials)
         return loss_sum, dw_sum, db_sum
+
+    def hessian(
+        self, w: FloatArray, b: float, l2: float = 0.0
+    ) -> tuple[float, FloatArray, float, NDArray[np.float64]]:
+        """Cost, gradients and Hessian at ``(w, b)``, in one pass over ``X``.
+
+        Returns
+        -------
+        cost, dw, db : as :meth:`__call__`
+        H : ndarray of shape (n_features + 1, n_features + 1), float64
+            ``([X; 1] diag(s a (1 - a)) [X; 1]ᵀ + l2 diag(1, ..., 1, 0)) / Σs``,
+            the intercept last (:func:`hessian_from_sums`).
+        """
+        loss_sum, dw_sum, db_sum, H_sum = self.hessian_sums(w, b)
+        cost, dw, db = loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self.weight_sum, self.dtype)
+        return cost, dw, db, hessian_from_sums(H_sum, l2, self.weight_sum)
+
+    def hessian_sums(
+        self, w: FloatArray, b: float
+    ) -> tuple[float, NDArray[np.float64], float, NDArray[np.float64]]:
+        """:meth:`partial_sums` and the Hessian's sum, in the same blocked pass.
+
+        Per block ``Xb`` (``k`` examples), while it is in cache, after the
+        gradient's work: ``c = s a (1 - a)`` (``k``), then one GEMM
+        ``[Xb; 1] diag(c) [Xb; 1]ᵀ`` as ``Bᵀ B``-shaped product of the scaled
+        block ``B = [Xb; 1] diag(√c)``, added in float64. That product costs
+        ``(n + 1)² k`` multiply-adds against the gradient's ``2 n k``: see
+        ``lr_kernel.train.NEWTON_MAX_FEATURES`` for when it pays.
+
+        Returns
+        -------
+        loss_sum, dw_sum, db_sum : as :meth:`partial_sums`
+        H_sum : ndarray of shape (n_features + 1, n_features + 1), float64
+            ``Σ_i s_i a_i (1 - a_i) [x_i; 1][x_i; 1]ᵀ``, the intercept last.
+            Sums over disjoint pieces of the data add up to the whole's.
+        """
+        neg_w = np.negative(w.reshape(-1), dtype=self.dtype)  # (n,)
+        partials = self._map_shares(lambda k: self._hessian_blocks(k, neg_w, float(b)))
+        loss_sum = math.fsum(p[0] for p in partials)
+        db_sum = math.fsum(p[2] for p in partials)
+        dw_sum = partials[0][1].copy()
+        H_sum = partials[0][3].copy()
+        for p in partials[1:]:  # share order: reproducible bits
+            dw_sum += p[1]
+            H_sum += p[3]
+        return loss_sum, dw_sum, db_sum, H_sum
+
+    def _hessian_blocks(
+        self, share: int, neg_w: FloatArray, b: float
+    ) -> tuple[float, NDArray[np.float64], float, NDArray[np.float64]]:
+        """One thread's blocks of :meth:`hessian_sums`."""
+        X, n, dtype = self.X, self.n_features, self.dtype
+        if share not in self._hessian_scratch:
+            # Per thread, kept from call to call: the scaled block [Xb; 1] diag(√c),
+            # Z's buffer, per-example losses and the curvature.
+            block = min(self.block_size, HESSIAN_BLOCK)
+            self._hessian_scratch[share] = (
+                np.empty((n + 1, block), dtype),
+                np.empty(block, dtype),
+                np.empty((4, block), np.float64),  # losses, curvature, Z, exp(-|Z|)
+            )
+        scaled, u_buffer, float_buffers = self._hessian_scratch[share]
+        loss_buffer, curvature_buffer = float_buffers[0], float_buffers[1]
+        compiled = None
+        if self._compiled_share is not None:
+            from lr_kernel._compiled import block_curvature
+
+            compiled = block_curvature
+        row_weights = self._no_weights if self.s is None else self.s
+        loss_sum = 0.0
+        db_sum = 0.0
+        dw_sum = np.zeros(n, dtype=np.float64)  # (n,)
+        H_sum = np.zeros((n + 1, n + 1), dtype=np.float64)
+        m = self.n_examples
+        step = min(self.block_size, HESSIAN_BLOCK)
+        share_stop = min(self._shares[share][-1] + self.block_size, m)
+        for start in range(self._shares[share][0], share_stop, step):
+            stop = min(start + step, share_stop)
+            k = stop - start
+            Xb = X[:, start:stop]  # (n, k) view
+            curvature = curvature_buffer[:k]
+            if compiled is not None:
+                block_loss, block_db = compiled(
+                    X, self.y, row_weights, self.s is not None, neg_w, b, start, stop,
+                    u_buffer, loss_buffer, curvature, dw_sum,
+                )  # fmt: skip
+            else:
+                block_loss, block_db = self._curvature_block(
+                    Xb, start, stop, neg_w, b, u_buffer[:k], float_buffers[:, :k], dw_sum
+                )
+            loss_sum += block_loss
+            db_sum += block_db
+            B = scaled[:, :k]  # (n + 1, k)
+            np.sqrt(curvature, out=curvature)
+            np.multiply(Xb, curvature, out=B[:n], casting="same_kind")
+            B[n] = curvature
+            H_sum += B @ B.T  # (n + 1, n + 1): the block product, Xb still in cache
+        return loss_sum, dw_sum, db_sum, H_sum
+
+    def _curvature_block(
+        self,
+        Xb: FloatArray,
+        start: int,
+        stop: int,
+        neg_w: FloatArray,
+        b: float,
+        u: FloatArray,
+        buffers: NDArray[np.float64],
+        dw_sum: NDArray[np.float64],
+    ) -> tuple[float, float]:
+        """NumPy engine: one block's loss and ``Σ dZ`` (returned), ``dw_sum += Xb dZᵀ``,
+        and ``buffers[1] = s a (1 - a)``; in float64, in the caller's scratch
+        ``buffers`` of shape ``(4, k)``."""
+        losses, curvature, Z, E = buffers
+        np.matmul(neg_w, Xb, out=u)  # (k,) = -wᵀ Xb
+        np.negative(u, out=Z)
+        Z += b
+        yb = self.y[start:stop]
+        np.abs(Z, out=E)
+        np.negative(E, out=E)
+        np.exp(E, out=E)  # exp(-|Z|), in (0, 1]
+        np.log1p(E, out=losses)
+        np.maximum(Z, 0.0, out=curvature)  # scratch here
+        losses += curvature
+        np.multiply(yb, Z, out=curvature)
+        losses -= curvature  # softplus(Z) - Y Z
+        np.greater_equal(Z, 0.0, out=Z, casting="unsafe")  # Z is not needed below
+        np.maximum(Z, E, out=Z)  # 1 where Z >= 0, else exp(-|Z|) = exp(Z)
+        np.add(E, 1.0, out=curvature)
+        Z /= curvature  # sigmoid(Z)
+        Z -= yb  # A - Y
+        np.multiply(curvature, curvature, out=curvature)
+        np.divide(E, curvature, out=curvature)  # a (1 - a) = e / (1 + e)², exact near 0 and 1
+        if self.s is not None:
+            sb = self.s[start:stop]
+            losses *= sb
+            Z *= sb
+            curvature *= sb
+        dw_sum += Xb @ Z.astype(self.dtype, copy=False)  # (n,), Xb still in cache
+        return float(losses.sum()), float(Z.sum())
 
     def _sum_blocks(
         self, share: int, neg_w: FloatArray, b: float
@@ -511,6 +674,35 @@ def loss_from_sums(
     if l2:
         dw += (l2 / m) * w64
     return cost, dw.astype(dtype, copy=False), db_sum / m
+
+
+def hessian_from_sums(
+    H_sum: NDArray[np.float64], l2: float, weight_sum: float
+) -> NDArray[np.float64]:
+    """The Hessian of ``J`` from the summed :meth:`FusedLoss.hessian_sums`.
+
+    The one place the Hessian is normalized and penalized::
+
+        H = (H_sum + l2 diag(1, ..., 1, 0)) / Σs
+
+    (the intercept, last, is not penalized).
+
+    Parameters
+    ----------
+    H_sum : ndarray of shape (n_features + 1, n_features + 1), float64
+    l2 : float
+    weight_sum : float
+        ``Σ s`` (``m`` unweighted), as for :func:`loss_from_sums`.
+
+    Returns
+    -------
+    H : ndarray of shape (n_features + 1, n_features + 1), float64, a new array.
+    """
+    H = np.array(H_sum, dtype=np.float64)  # (n + 1, n + 1), a copy
+    n = H.shape[0] - 1
+    H[np.arange(n), np.arange(n)] += l2
+    H /= float(weight_sum)
+    return H
 
 
 def loss_and_gradients(

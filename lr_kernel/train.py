@@ -12,12 +12,28 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 from lr_kernel.convergence import StopReason, StopRule, gradient_max
-from lr_kernel.loss import Engine, FloatArray, FusedLoss, LossFunction
+from lr_kernel.loss import Engine, FloatArray, FusedLoss, LossFunction, SecondOrderLoss
 
-Optimizer = Literal["gd", "nesterov", "lbfgs"]
-OPTIMIZERS: tuple[Optimizer, ...] = ("gd", "nesterov", "lbfgs")
+Optimizer = Literal["gd", "nesterov", "lbfgs", "newton", "auto"]
+OPTIMIZERS: tuple[Optimizer, ...] = ("gd", "nesterov", "lbfgs", "newton", "auto")
+# Optimizers that search their own steps (no learning rate).
+SEARCHING: tuple[Optimizer, ...] = ("lbfgs", "newton", "auto")
+
+# "auto" is Newton up to this many features, else L-BFGS. The Hessian pass
+# costs (n + 1)² multiply-adds per example against the gradient's 2n, and is
+# compute-bound where the gradient is memory-bound: measured on 2 cores
+# (numba engine, 2 threads) one Hessian pass costs 3.5 gradient passes at
+# n = 20, 11 at n = 100, 18 at n = 300 and 51 at n = 1000. Newton needs about
+# 5-10 of them to max |∇J| <= 1e-8; L-BFGS needs 50-200 gradient passes on
+# correlated data and may stall above a tight tol. Up to 200 features Newton
+# is the cheaper way to the optimum and the surer one.
+NEWTON_MAX_FEATURES = 200
+# Armijo's sufficient decrease, and the smallest step Newton's line search tries.
+ARMIJO = 1e-4
+MIN_STEP = 2.0**-30
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class TrainState:
 
     Attributes
     ----------
-    optimizer : {"gd", "nesterov", "lbfgs"}
+    optimizer : {"gd", "nesterov", "lbfgs", "newton"}
     iteration : int
         Updates applied so far.
     w : ndarray of shape (n_features, 1)
@@ -231,12 +247,17 @@ def fit(
     callback : callable ``(iteration, cost) -> None``, optional
         Called after each update with the update's number (from 1) and the new cost;
         also once with ``(0, initial cost)``.
-    optimizer : {"gd", "nesterov", "lbfgs"}, default "gd"
+    optimizer : {"gd", "nesterov", "lbfgs", "newton", "auto"}, default "gd"
         ``"gd"``: ``w -= alpha * dw``. ``"nesterov"``: accelerated gradient with
         an adaptive restart (momentum is dropped whenever the cost rises).
         ``"lbfgs"``: ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)``;
         one history row per L-BFGS iteration (each may evaluate the loss more
         than once; the row is the cost at the accepted iterate).
+        ``"newton"``: Newton's method, the Hessian from the same fused pass
+        (:meth:`~lr_kernel.FusedLoss.hessian`), a Cholesky solve and a
+        backtracking line search. ``"auto"``: ``"newton"`` up to
+        ``NEWTON_MAX_FEATURES`` features, else ``"lbfgs"``
+        (:func:`resolve_optimizer`). The last three ignore ``learning_rate``.
     block_size, n_threads, engine : see :class:`~lr_kernel.FusedLoss` (``engine``
         applies to one model; a grid always runs NumPy's blocked GEMMs).
     sample_weight : ndarray of shape (1, n_examples), optional
@@ -318,9 +339,10 @@ def fit_loss(
     n = loss.n_features
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    optimizer = resolve_optimizer(optimizer, loss)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if optimizer != "lbfgs" and (
+    if optimizer not in SEARCHING and (
         learning_rate is None or not learning_rate > 0 or not math.isfinite(learning_rate)
     ):
         raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate}")
@@ -348,10 +370,100 @@ def fit_loss(
         return history.result(w, float(b0), "iterations")
     if optimizer == "lbfgs":
         return _lbfgs(loss, w, float(b0), l2, iterations, tol, history)
+    if optimizer == "newton":
+        assert isinstance(loss, SecondOrderLoss)  # resolve_optimizer checked it
+        return _newton(loss, w, float(b0), l2, iterations, tol, history)
     assert learning_rate is not None  # checked above
     if optimizer == "nesterov":
         return _nesterov(loss, w, float(b0), l2, learning_rate, iterations, tol, history, momentum)
     return _gradient_descent(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
+
+
+def resolve_optimizer(optimizer: Optimizer, loss: LossFunction) -> Optimizer:
+    """The optimizer ``"auto"`` stands for: ``"newton"`` when ``loss`` gives its
+    Hessian (:class:`~lr_kernel.loss.SecondOrderLoss`) and has at most
+    ``NEWTON_MAX_FEATURES`` features, else ``"lbfgs"``. ``"newton"`` on a loss
+    without a Hessian is an error; other names are returned as they are."""
+    second_order = isinstance(loss, SecondOrderLoss)
+    if optimizer == "auto":
+        return "newton" if second_order and loss.n_features <= NEWTON_MAX_FEATURES else "lbfgs"
+    if optimizer == "newton" and not second_order:
+        raise ValueError("optimizer 'newton' needs a loss with a hessian() (SecondOrderLoss)")
+    return optimizer
+
+
+def _newton(
+    loss: SecondOrderLoss,
+    w: FloatArray,
+    b: float,
+    l2: float,
+    iterations: int,
+    tol: float,
+    history: _History,
+) -> FitResult:
+    """Newton's method: a Cholesky solve of ``H p = -∇J`` and a backtracking line search.
+
+    Each iteration's first trial point is evaluated with the Hessian pass, so
+    the usual full step costs one pass over ``X``; a rejected step halves,
+    with gradient-only passes, and the accepted point then gets its Hessian.
+    A step is accepted on Armijo's sufficient decrease or, where the decrease
+    it predicts is below the cost's rounding (at the optimum), when the cost
+    does not rise beyond rounding and ``max |∇J|`` falls. ``H`` that is not
+    positive definite (no ``l2`` and collinear terms, or separation) gets the
+    smallest multiple of the identity, from ``1e-12`` of its trace up, that
+    makes it so.
+    """
+    import scipy.linalg
+
+    n = loss.n_features
+    dtype = loss.dtype
+    cost, dw, db, H = loss.hessian(w, b, l2)
+    history.start(cost, dw, db, w, b)
+    rule = history.stop_rule(tol, dtype)
+    stop_reason = rule.check(cost, None, dw, db, monotone=True)
+    theta = np.concatenate([w.ravel().astype(np.float64), [b]])  # (n + 1,)
+
+    def split(t: FloatArray) -> tuple[FloatArray, float]:
+        return t[:n].reshape(n, 1).astype(dtype), float(t[n])
+
+    while stop_reason is None and history.n_iterations < iterations:
+        g = np.concatenate([dw.ravel().astype(np.float64), [db]])  # (n + 1,)
+        shift = 0.0
+        while True:
+            try:
+                factor = scipy.linalg.cho_factor(H + shift * np.eye(n + 1), check_finite=False)
+                break
+            except np.linalg.LinAlgError:
+                shift = max(10 * shift, 1e-12 * float(np.trace(H)) / (n + 1))
+        direction = -scipy.linalg.cho_solve(factor, g, check_finite=False)  # (n + 1,)
+        slope = float(g @ direction)  # < 0
+        rounding = rule.rise_rtol * abs(cost)
+        gradient_now = gradient_max(dw, db)
+        step = 1.0
+        trial = theta + direction
+        new_H: NDArray[np.float64] | None
+        new_cost, new_dw, new_db, new_H = loss.hessian(*split(trial), l2)
+        while not (
+            new_cost <= cost + ARMIJO * step * slope
+            or (new_cost <= cost + rounding and gradient_max(new_dw, new_db) < gradient_now)
+        ):
+            step /= 2
+            if step < MIN_STEP:
+                break
+            trial = theta + step * direction
+            new_cost, new_dw, new_db = loss(*split(trial), l2)
+            new_H = None
+        if step < MIN_STEP:
+            stop_reason = "stalled"
+            break
+        if new_H is None:
+            new_cost, new_dw, new_db, new_H = loss.hessian(*split(trial), l2)
+        theta, cost, dw, db, H = trial, new_cost, new_dw, new_db, new_H
+        history.record(cost, dw, db, *split(theta))
+        stop_reason = rule.check(cost, None, dw, db, monotone=True)
+        if stop_reason is None:
+            history.checkpoint("newton", *split(theta))
+    return history.result(*split(theta), stop_reason or "iterations")
 
 
 def _gradient_descent(

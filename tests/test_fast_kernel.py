@@ -111,7 +111,10 @@ def test_every_optimizer_reaches_scikit_learns_optimum(optimizer):
     assert result.stop_reason == "tolerance" and result.converged
     assert result.gradient_norm_history[-1] <= 1e-9
     dw, db = loss_and_gradients(X, Y, result.w, result.b, l2)[1:]
-    assert max(np.abs(dw).max(), abs(db)) == result.gradient_norm_history[-1]
+    # The rule's number, to rounding (newton's comes from the Hessian pass).
+    assert max(np.abs(dw).max(), abs(db)) == pytest.approx(
+        result.gradient_norm_history[-1], rel=1e-4, abs=1e-15
+    )
     oracle = LogisticRegression(C=1 / l2, solver="newton-cholesky", tol=1e-12, max_iter=100)
     oracle.fit(features, data.target)
     ours = 1 / (1 + np.exp(-(result.w.T @ X + result.b))).ravel()
