@@ -185,17 +185,20 @@ def test_class_weight_balanced_matches_scikit_learn_and_finds_the_rare_class(tmp
     assert data.metrics(np.zeros((data.plan.n_terms, 1)), 0.0)["train"]["n_examples"] == 3000
 
 
-def test_the_three_backends_give_the_same_model(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "solver",
+    [
+        {"optimizer": "gd", "learning_rate": 1.0, "iterations": 200},
+        {"optimizer": "gd", "learning_rate": "auto", "iterations": 50},
+        {"optimizer": "newton", "iterations": 50, "tol": 1e-10, "l2": 1.0},
+    ],
+    ids=["gd", "auto-step", "newton"],
+)
+def test_the_three_backends_give_the_same_model(tmp_path, solver):
     """Categorical, missing, weights and the default split: memory, stream and Dask agree."""
     frame = raw_table(4000, seed=3)
-    settings = {
-        "exclude": ["customer_id"],
-        "weight": "weight",
-        "missing": "impute",
-        "optimizer": "gd",
-        "learning_rate": 1.0,
-        "iterations": 200,
-    }
+    settings = {"exclude": ["customer_id"], "weight": "weight", "missing": "impute"} | solver
     found = {}
     for backend in ("memory", "stream", "dask"):
         extra = {"cache_dir": str(tmp_path / "cache")} if backend == "stream" else {}

@@ -21,6 +21,7 @@ from flows.dataset import InputPlan, count_rows
 from flows.errors import LrflowError
 from flows.features import FeaturePlan
 from lr_kernel import GridFitResult, LossFunction, Optimizer
+from lr_kernel.loss import SecondOrderLoss, hessian_from_sums, loss_from_sums
 
 _UNITS = {
     "": 1,
@@ -183,8 +184,61 @@ def open_training_data(
     raise ValueError(f"no backend {backend!r}")
 
 
-class ClosableLoss(LossFunction, Protocol):
+class ClosableLoss(SecondOrderLoss, Protocol):
+    @property
+    def weight_sum(self) -> float: ...
     def close(self) -> None: ...
+
+
+class PartialSums:
+    """The partial sums of pieces (chunks, shards), added in the order they come, then
+    finished by the kernel's one normalization (``loss_from_sums``, ``hessian_from_sums``).
+
+    Each piece's arrays are added at once: a piece's loss may reuse its buffers.
+    """
+
+    def __init__(self) -> None:
+        self._losses: list[float] = []
+        self._dbs: list[float] = []
+        self._dw: np.ndarray | None = None
+        self._H: np.ndarray | None = None
+
+    def add(self, part: tuple[Any, ...]) -> None:
+        """``(loss_sum, dw_sum, db_sum)`` or, with the Hessian, ``(..., H_sum)``."""
+        self._losses.append(float(part[0]))
+        self._dbs.append(float(part[2]))
+        self._dw = np.array(part[1], dtype=np.float64) if self._dw is None else self._dw + part[1]
+        if len(part) == 4:
+            self._H = np.array(part[3], dtype=np.float64) if self._H is None else self._H + part[3]
+
+    def loss(
+        self, w: np.ndarray, l2: float, weight_sum: float, dtype: np.dtype
+    ) -> tuple[float, np.ndarray, float]:
+        import math
+
+        assert self._dw is not None, "no pieces were added"
+        loss_sum, db_sum = math.fsum(self._losses), math.fsum(self._dbs)
+        return loss_from_sums(loss_sum, self._dw, db_sum, w, l2, weight_sum, dtype)
+
+    def hessian(
+        self, w: np.ndarray, l2: float, weight_sum: float, dtype: np.dtype
+    ) -> tuple[float, np.ndarray, float, np.ndarray]:
+        assert self._H is not None, "no Hessian sums were added"
+        cost, dw, db = self.loss(w, l2, weight_sum, dtype)
+        return cost, dw, db, hessian_from_sums(self._H, l2, weight_sum)
+
+
+def curvature_learning_rate(loss: SecondOrderLoss, l2: float, weight_sum: float) -> float:
+    """``1/L`` from the Hessian at ``w = 0, b = 0``, the same on every backend.
+
+    There ``a (1 - a) = 1/4`` for every row, so ``H(0) = G/4`` with ``G`` the
+    weighted Gram matrix of ``[X; 1]``, and ``L = λ_max(G)/4 + l2/Σs`` bounds the
+    curvature of ``J`` everywhere (``lr_kernel.stepsize``): gradient descent with
+    ``1/L`` lowers the cost at every update. One pass over the data, exact.
+    """
+    n = loss.n_features
+    H = loss.hessian(np.zeros((n, 1), dtype=loss.dtype), 0.0, 0.0)[3]  # (n + 1, n + 1)
+    return 1.0 / (float(np.linalg.eigvalsh(H)[-1]) + l2 / weight_sum)
 
 
 @dataclass
@@ -242,9 +296,11 @@ class PiecewiseData:
         return GridFitResult.from_fits(fits, l2_values, rates)
 
     def stable_learning_rate(self, l2: float) -> float:
-        from flows.errors import DataError
-
-        raise DataError("--learning-rate auto needs the memory backend; give a number")
+        loss = self.loss()
+        try:
+            return curvature_learning_rate(loss, l2, loss.weight_sum)
+        finally:
+            loss.close()
 
     def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
         return threads, "auto"  # one loss per chunk or shard, each choosing its engine

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from flows.backends import PiecewiseData
+from flows.backends import PartialSums, PiecewiseData
 from flows.backends.memory import Rows
 from flows.backends.partial_metrics import piece_sums
 from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
 from flows.dataset import InputPlan, Piece, fingerprint, row_group_pieces
 from flows.errors import LrflowError
 from flows.features import FeaturePlan, PlanSettings, Summary
-from lr_kernel import FusedLoss, loss_from_sums
+from lr_kernel import FusedLoss
 
 # How often the driver checks that the shards' workers are still there while it waits.
 LIVENESS_SECONDS = 1.0
@@ -85,13 +85,14 @@ def _build_shard(pieces: list[Piece], plan: FeaturePlan, prep: PlanSettings) -> 
     return _Shard(parts=parts, weight_sums=sums)
 
 
-def _shard_sums(shard: _Shard, part: str, w: np.ndarray, b: float) -> Any:
+def _shard_sums(shard: _Shard, part: str, w: np.ndarray, b: float, hessian: bool) -> Any:
     rows = shard.parts.get(part)
     if rows is None:
         return None
     if part not in shard.losses:  # built once, on the worker, at the first evaluation
         shard.losses[part] = rows.loss()
-    return shard.losses[part].partial_sums(w, b)
+    loss = shard.losses[part]
+    return loss.hessian_sums(w, b) if hessian else loss.partial_sums(w, b)
 
 
 def _shard_metrics(shard: _Shard, part: str, w: np.ndarray, b: float) -> Any:
@@ -174,17 +175,25 @@ class DaskLoss:
     def dtype(self) -> np.dtype:
         return self._data.dtype
 
-    def __call__(self, w: np.ndarray, b: float, l2: float = 0.0) -> tuple[float, np.ndarray, float]:
-        found = self._data._map(_shard_sums, self._part, w, float(b))
-        parts = [p for p in found if p is not None]
+    @property
+    def weight_sum(self) -> float:
+        return self._data.weight_sums[self._part]
+
+    def _sums(self, w: np.ndarray, b: float, hessian: bool = False) -> PartialSums:
         # Shard order, whatever order the workers finished in: reproducible bits.
-        dw_sum = parts[0][1].copy()
-        for part in parts[1:]:
-            dw_sum += part[1]
-        loss_sum = math.fsum(p[0] for p in parts)
-        db_sum = math.fsum(p[2] for p in parts)
-        weight_sum = self._data.weight_sums[self._part]
-        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, weight_sum, self.dtype)
+        sums = PartialSums()
+        for part in self._data._map(_shard_sums, self._part, w, float(b), hessian):
+            if part is not None:
+                sums.add(part)
+        return sums
+
+    def __call__(self, w: np.ndarray, b: float, l2: float = 0.0) -> tuple[float, np.ndarray, float]:
+        return self._sums(w, b).loss(w, l2, self.weight_sum, self.dtype)
+
+    def hessian(
+        self, w: np.ndarray, b: float, l2: float = 0.0
+    ) -> tuple[float, np.ndarray, float, np.ndarray]:
+        return self._sums(w, b, hessian=True).hessian(w, l2, self.weight_sum, self.dtype)
 
     def close(self) -> None:
         """Nothing to release here: the shards belong to the data."""

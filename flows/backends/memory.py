@@ -7,14 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from flows.backends import Grid
+from flows.backends import Grid, curvature_learning_rate
 from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
 from flows.dataset import InputPlan, file_pieces, fingerprint
 from flows.features import FeaturePlan, PlanSettings
 from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
 from lr_kernel.loss import resolve_engine
 from lr_kernel.metrics import binary_metrics
-from lr_kernel.stepsize import stable_learning_rate
 
 
 def weighted(weight: np.ndarray | None) -> dict[str, Any]:
@@ -89,7 +88,8 @@ class MemoryData:
         )
 
     def stable_learning_rate(self, l2: float) -> float:
-        return stable_learning_rate(self.train.X, l2, **weighted(self.train.weight))
+        loss = self.loss()
+        return curvature_learning_rate(loss, l2, loss.weight_sum)
 
     def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
         n, m = self.train.X.shape

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from flows.backends import PiecewiseData
+from flows.backends import PartialSums, PiecewiseData
 from flows.backends.partial_metrics import piece_sums
 from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
 from flows.dataset import InputPlan, file_pieces, fingerprint
 from flows.features import FeaturePlan, PlanSettings
-from lr_kernel import FusedLoss, loss_from_sums
+from lr_kernel import FusedLoss
 
 CACHE_FORMAT = 2
 # Shares of the memory budget: the two read buffers of training, and one
@@ -267,19 +267,25 @@ class StreamLoss:
             weight = buffer[self._n + 1 :, :k] if self._weighted else None
             yield buffer[: self._n, :k], buffer[self._n : self._n + 1, :k], weight
 
-    def partial_sums(self, w: np.ndarray, b: float) -> tuple[float, np.ndarray, float]:
-        losses, dbs = [], []
-        dw_sum = np.zeros(self._n)
+    @property
+    def weight_sum(self) -> float:
+        return self._weight_sum
+
+    def _sums(self, w: np.ndarray, b: float, hessian: bool = False) -> PartialSums:
+        """Each chunk's partial sums (with its Hessian's), added in chunk order."""
+        sums = PartialSums()
         for index, k in self._buffer_order():
-            loss_sum, dw_part, db_sum = self._loss(index, k).partial_sums(w, b)
-            losses.append(loss_sum)
-            dw_sum += dw_part
-            dbs.append(db_sum)
-        return math.fsum(losses), dw_sum, math.fsum(dbs)
+            loss = self._loss(index, k)
+            sums.add(loss.hessian_sums(w, b) if hessian else loss.partial_sums(w, b))
+        return sums
 
     def __call__(self, w: np.ndarray, b: float, l2: float = 0.0) -> tuple[float, np.ndarray, float]:
-        loss_sum, dw_sum, db_sum = self.partial_sums(w, b)
-        return loss_from_sums(loss_sum, dw_sum, db_sum, w, l2, self._weight_sum, self._dtype)
+        return self._sums(w, b).loss(w, l2, self._weight_sum, self._dtype)
+
+    def hessian(
+        self, w: np.ndarray, b: float, l2: float = 0.0
+    ) -> tuple[float, np.ndarray, float, np.ndarray]:
+        return self._sums(w, b, hessian=True).hessian(w, l2, self._weight_sum, self._dtype)
 
     def close(self) -> None:
         self._reader.shutdown(wait=True)
