@@ -57,3 +57,31 @@ def real_binary_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
         return bunch.data, np.asarray(bunch.target_names)[bunch.target]
     bunch = datasets.load_wine()
     return bunch.data, np.where(bunch.target == 0, "class_0", "other")
+
+
+# An output directory for configs of tests that only load data: never written, and
+# outside every test's data directory (tmp_path), so the output-location check passes.
+UNUSED_OUTPUT = str(Path(tempfile.gettempdir()) / "lrflow-tests-unused-output")
+
+
+def memory_config(data, **kwargs):
+    """A TrainConfig for the in-memory backend; no validation split unless asked for."""
+    from flows.config import TrainConfig
+
+    kwargs.setdefault("output", UNUSED_OUTPUT)
+    kwargs.setdefault("backend", "memory")
+    if "validation_data" not in kwargs:
+        kwargs.setdefault("validation_fraction", 0.0)
+    return TrainConfig(data=str(data), **kwargs)
+
+
+def load_memory(config):
+    """The run's training data on the in-memory backend (``.train``/``.held_out`` Rows)."""
+    from flows.backends import open_training_data, plan_run
+
+    return open_training_data(config, *plan_run(config))
+
+
+def load(data, **kwargs):
+    """:func:`load_memory` of :func:`memory_config`: the rows of ``data`` as X, Y, weights."""
+    return load_memory(memory_config(data, **kwargs))

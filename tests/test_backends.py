@@ -4,13 +4,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from flows.backends import parse_bytes, resolve_backend
-from flows.backends.pieces import ValueSummary, summarize
-from flows.backends.stream import open_stream
+from flows.backends import (
+    in_memory_bytes,
+    open_training_data,
+    parse_bytes,
+    plan_run,
+    resolve_backend,
+)
 from flows.config import TrainConfig
-from flows.dataset import load_dataset, plan_inputs
 from flows.errors import DataError
+from flows.features import Summary, choose_columns, summarize
 from lr_kernel import FusedLoss, fit, fit_loss
+from tests.conftest import load_memory, memory_config
 
 # Same data, same config: only the float rounding of differently grouped sums differs.
 RTOL = 1e-9
@@ -38,8 +43,35 @@ def parts(tmp_path):
     return make_parts(tmp_path / "parts")
 
 
-def plan_of(path):
-    return plan_inputs(path, "y", ["f0", "f1", "f2", "f3"])
+def config_of(path, **kwargs):
+    """The four features of ``path``, nothing held out (unless asked)."""
+    return memory_config(path, label="y", features=["f0", "f1", "f2", "f3"], **kwargs)
+
+
+def plan_of(path, **kwargs):
+    return plan_run(config_of(path, **kwargs))[0]
+
+
+def stream_of(path, root, memory_budget, cleanup=False, **kwargs):
+    config = config_of(
+        path,
+        backend="stream",
+        cache_dir=str(root),
+        memory_budget=memory_budget,
+        cleanup_cache=cleanup,
+        **kwargs,
+    )
+    return open_training_data(config, *plan_run(config))
+
+
+def dask_of(path, client, **kwargs):
+    """The Dask backend on a given client (``open_training_data`` starts its own cluster)."""
+    from flows.backends.dask_backend import open_dask
+    from flows.backends.passes import settings_of
+
+    config = config_of(path, backend="dask", **kwargs)
+    plan, validation = plan_run(config)
+    return open_dask(plan, validation, settings_of(config, plan), client=client)
 
 
 def assert_same_fit(expected, got):
@@ -67,28 +99,44 @@ def test_parse_bytes_rejects_what_is_not_a_size(text):
 def test_summaries_merge_to_the_whole_data_statistics(parts):
     plan = plan_of(parts)
     frame = pl.concat([pl.read_parquet(p) for p in plan.files])
-    whole = summarize(frame, plan, plan.files[0])
-    merged = ValueSummary.empty(4)
+    frame = frame.with_columns((pl.col("key") % 3).cast(pl.String).alias("c"))  # categorical
+    features = ["f0", "f1", "f2", "f3", "c"]
+    choice = choose_columns(frame.schema, label="y", features=features, where=plan.files[0])
+    whole = summarize(frame, choice, path=plan.files[0], max_levels=100)
+    merged = Summary()
     for start in range(0, frame.height, 700):  # uneven pieces, merged in order
-        merged.merge(summarize(frame.slice(start, 700), plan, plan.files[0]))
+        part = summarize(frame.slice(start, 700), choice, path=plan.files[0], max_levels=100)
+        merged.merge(part, max_levels=100)
     assert merged.rows == whole.rows == 3000
-    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-13)
-    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-12)
-    assert merged.labels == [0, 1]
+    for name in features[:4]:
+        got, expected = merged.columns[name], whole.columns[name]
+        assert got.rows == got.count == expected.count == 3000
+        assert got.mean == pytest.approx(expected.mean, rel=1e-13)
+        assert got.m2 == pytest.approx(expected.m2, rel=1e-12)
+        assert (got.minimum, got.maximum) == (expected.minimum, expected.maximum)
+        values = frame.get_column(name).cast(pl.Float64).to_numpy()
+        assert got.m2 == pytest.approx(np.sum((values - values.mean()) ** 2), rel=1e-12)
+    assert (
+        merged.columns["c"].levels == whole.columns["c"].levels == {"0": 1000, "1": 1000, "2": 1000}
+    )
+    y = frame.get_column("y")
+    assert merged.labels == whole.labels == {0: int((y == 0).sum()), 1: int((y == 1).sum())}
 
 
 @pytest.mark.parametrize("budget", [60_000, 10**9])  # many chunks (a ragged last one), or one
 def test_stream_loss_equals_the_in_memory_loss(parts, tmp_path, budget):
-    plan = plan_of(parts)
-    memory = load_dataset(plan)
-    stream = open_stream(plan, cache_root=tmp_path / "cache", memory_budget=budget)
-    np.testing.assert_allclose(stream.mean, memory.mean, rtol=1e-13)
-    np.testing.assert_allclose(stream.scale, memory.scale, rtol=1e-13)
+    memory = load_memory(config_of(parts))
+    stream = stream_of(parts, tmp_path / "cache", budget)
+    assert stream.plan.terms == memory.plan.terms
+    for got, expected in zip(
+        stream.plan.term_mean_scale(), memory.plan.term_mean_scale(), strict=True
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-13)
     w = np.array([[0.5], [-1.0], [2.0], [0.1]])
     with stream.loss() as loss:
         assert (len(loss._ranges) > 1) == (budget < 10**6)
         cost, dw, db = loss(w, 0.3, l2=0.7)
-    expected = FusedLoss(memory.X, memory.Y)(w, 0.3, l2=0.7)
+    expected = FusedLoss(memory.train.X, memory.train.Y)(w, 0.3, l2=0.7)
     assert cost == pytest.approx(expected[0], rel=1e-13)
     np.testing.assert_allclose(dw, expected[1], rtol=1e-12)
     assert db == pytest.approx(expected[2], rel=1e-12)
@@ -96,30 +144,33 @@ def test_stream_loss_equals_the_in_memory_loss(parts, tmp_path, budget):
 
 @pytest.mark.parametrize("optimizer", ["gd", "nesterov", "lbfgs"])
 def test_every_optimizer_on_the_stream_gives_the_in_memory_fit(parts, tmp_path, optimizer):
-    plan = plan_of(parts)
-    memory = load_dataset(plan)
-    stream = open_stream(plan, cache_root=tmp_path / "cache", memory_budget=60_000)
+    memory = load_memory(config_of(parts))
+    stream = stream_of(parts, tmp_path / "cache", 60_000)
     # lbfgs stops on its iteration budget here, before rounding-level noise could
     # decide a line search either way.
     iterations = 12 if optimizer == "lbfgs" else 150
     settings = dict(learning_rate=0.5, iterations=iterations, l2=0.3, optimizer=optimizer)
-    expected = fit(memory.X, memory.Y, **settings)
+    expected = fit(memory.train.X, memory.train.Y, **settings)
     with stream.loss(n_threads=2) as loss:
         got = fit_loss(loss, **settings)
     assert_same_fit(expected, got)
 
 
 def test_stream_cache_is_reused_and_cleaned_up(parts, tmp_path, monkeypatch):
-    plan = plan_of(parts)
     root = tmp_path / "cache"
-    first = open_stream(plan, cache_root=root, memory_budget=60_000, cleanup=True)
+    first = stream_of(parts, root, 60_000, cleanup=True)
     assert [p.name for p in root.iterdir()] == [first.path.name]  # no temporary left
-    assert sorted(p.name for p in first.path.iterdir()) == ["XY.npy", "meta.json"]
-    cached = np.load(first.path / "XY.npy", mmap_mode="r")
-    memory = load_dataset(plan)
-    # Standardized values: the statistics differ from Polars' in the last bits only.
-    np.testing.assert_allclose(cached[:4], memory.X, rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(cached[4:], memory.Y)
+    assert sorted(p.name for p in first.path.iterdir()) == [
+        "meta.json",
+        "train.npy",
+        "validation.npy",
+    ]
+    cached = np.load(first.path / "train.npy", mmap_mode="r")
+    assert np.load(first.path / "validation.npy").shape == (5, 0)  # nothing held out
+    memory = load_memory(config_of(parts))
+    # Standardized values: the statistics (other batches) differ in the last bits only.
+    np.testing.assert_allclose(cached[:4], memory.train.X, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(cached[4:], memory.train.Y)
     del cached
 
     import flows.backends.stream as stream_module
@@ -128,11 +179,11 @@ def test_stream_cache_is_reused_and_cleaned_up(parts, tmp_path, monkeypatch):
         raise AssertionError("the cache was rebuilt for an unchanged input")
 
     monkeypatch.setattr(stream_module, "_build_cache", must_not_rebuild)
-    again = open_stream(plan, cache_root=root, memory_budget=60_000)
+    again = stream_of(parts, root, 60_000)
     assert again.path == first.path
     # A different dtype is a different cache.
     with pytest.raises(AssertionError, match="rebuilt"):
-        open_stream(plan, cache_root=root, memory_budget=60_000, dtype="float32")
+        stream_of(parts, root, 60_000, dtype="float32")
     first.close()
     assert not first.path.exists()
 
@@ -143,17 +194,20 @@ def test_stream_reports_bad_values_with_file_and_column(parts, tmp_path):
     )
     bad.write_parquet(parts / "part-2.parquet")
     with pytest.raises(DataError) as caught:
-        open_stream(plan_of(parts), cache_root=tmp_path / "cache", memory_budget=60_000)
-    assert caught.value.column == "f1"
+        stream_of(parts, tmp_path / "cache", 60_000)
+    # One column with nulls: the error names it and the file where they are.
     assert caught.value.path.endswith("part-2.parquet")
-    assert "1 null values" in str(caught.value)
+    assert "null values in 1 column(s): 'f1' (1)" in str(caught.value)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_auto_backend_streams_what_does_not_fit_the_budget(parts):
     plan = plan_of(parts)
     config = dict(data=str(parts), output="out", label="y")
-    assert resolve_backend(TrainConfig(**config, memory_budget="1MB"), plan) == "memory"
+    needed = in_memory_bytes(plan, 3000, "float64")
+    assert needed > 3000 * 6 * 8  # X, Y and the weights, plus one batch
+    assert resolve_backend(TrainConfig(**config, memory_budget=needed), plan) == "memory"
+    assert resolve_backend(TrainConfig(**config, memory_budget=needed - 1), plan) == "stream"
     assert resolve_backend(TrainConfig(**config, memory_budget="100kB"), plan) == "stream"
     assert resolve_backend(TrainConfig(**config, backend="stream"), plan) == "stream"
 
@@ -177,33 +231,39 @@ def dask_client():
 
 
 def test_row_groups_split_into_contiguous_shards_in_input_order(parts):
-    from flows.backends.dask_backend import split_row_groups
+    from flows.backends.dask_backend import split_pieces
+    from flows.dataset import row_group_pieces
 
-    files = plan_of(parts).files  # 3 files x 3 row groups (400, 400, 200 rows)
-    shards = split_row_groups(files, 2)
-    flat = [(path, g) for shard in shards for path, groups in shard for g in groups]
-    assert flat == [(str(f), g) for f in files for g in range(3)]
+    plan = plan_of(parts)
+    files = plan.files  # 3 files x 3 row groups (400, 400, 200 rows)
+    pieces = row_group_pieces(plan, "split")
+    shards = split_pieces(pieces, 2)
+    flat = [piece for shard in shards for piece in shard]
+    assert [(p.path, p.row_groups) for p in flat] == [(f, (g,)) for f in files for g in range(3)]
+    # Each piece knows its rows' positions in the input: the split is the same as in memory.
+    assert [p.first_row for p in flat] == list(np.cumsum([0] + [p.n_rows for p in flat])[:-1])
     assert len(shards) == 2 and all(shards)
-    assert len(split_row_groups(files[:1], 5)) == 3  # never more shards than row groups
+    first_file = [p for p in pieces if p.path == files[0]]
+    assert len(split_pieces(first_file, 5)) == 3  # never more shards than row groups
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "nesterov", "lbfgs"])
 def test_every_optimizer_on_dask_gives_the_in_memory_fit(parts, dask_client, optimizer):
-    from flows.backends.dask_backend import open_dask
-
-    plan = plan_of(parts)
-    memory = load_dataset(plan)
-    data = open_dask(plan, client=dask_client)
+    memory = load_memory(config_of(parts))
+    data = dask_of(parts, dask_client)
     try:
         assert len(data.workers) == 2 and data.n_examples == 3000
-        np.testing.assert_allclose(data.mean, memory.mean, rtol=1e-13)
-        np.testing.assert_allclose(data.scale, memory.scale, rtol=1e-13)
+        assert data.plan.terms == memory.plan.terms
+        for got, expected in zip(
+            data.plan.term_mean_scale(), memory.plan.term_mean_scale(), strict=True
+        ):
+            np.testing.assert_allclose(got, expected, rtol=1e-13)
         iterations = 12 if optimizer == "lbfgs" else 150
         settings = dict(learning_rate=0.5, iterations=iterations, l2=0.3, optimizer=optimizer)
-        expected = fit(memory.X, memory.Y, **settings)
+        expected = fit(memory.train.X, memory.train.Y, **settings)
         got = fit_loss(data.loss(), **settings)
         assert_same_fit(expected, got)
-        metrics = data.train_metrics(got.w, got.b)
+        metrics = data.metrics(got.w, got.b)["train"]
         assert metrics["n_examples"] == 3000
         assert 0.5 < metrics["accuracy"] <= 1.0
     finally:
@@ -212,7 +272,7 @@ def test_every_optimizer_on_dask_gives_the_in_memory_fit(parts, dask_client, opt
 
 def test_a_lost_dask_worker_fails_the_run_with_a_clear_message(parts):
     distributed = pytest.importorskip("distributed")
-    from flows.backends.dask_backend import WorkerLostError, open_dask
+    from flows.backends.dask_backend import WorkerLostError
 
     with (
         distributed.LocalCluster(
@@ -220,7 +280,7 @@ def test_a_lost_dask_worker_fails_the_run_with_a_clear_message(parts):
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        data = open_dask(plan_of(parts), client=client)
+        data = dask_of(parts, client)
 
         def lose_a_worker(iteration, cost):
             if iteration == 3:
@@ -236,9 +296,9 @@ def test_cli_backends_write_the_in_memory_params(prefect_api, parts, tmp_path, b
     pytest.importorskip("distributed")
     from tests.test_cli import run_cli
 
+    # The default validation split: every backend holds out the same rows.
     common = ["train", "--data", parts, "--label", "y", "--iterations", "200", "--l2", "0.1"]
-    memory = ["--backend", "memory", "--validation-fraction", "0"]  # the others hold none out
-    assert run_cli(*common, "--output", tmp_path / "memory", *memory) == 0
+    assert run_cli(*common, "--output", tmp_path / "memory", "--backend", "memory") == 0
     flags = ["--backend", backend, "--memory-budget", "50kB", "--cache-dir", tmp_path / "cache"]
     flags += ["--cleanup-cache"] if backend == "stream" else ["--dask-workers", "2"]
     assert run_cli(*common, "--output", tmp_path / backend, *flags) == 0
@@ -249,21 +309,27 @@ def test_cli_backends_write_the_in_memory_params(prefect_api, parts, tmp_path, b
     costs = [pl.read_parquet(tmp_path / d / "cost_history.parquet") for d in ("memory", backend)]
     np.testing.assert_allclose(costs[1]["cost"], costs[0]["cost"], rtol=RTOL)
     metrics = [
-        dict(
-            pl.read_parquet(tmp_path / d / "metrics.parquet").select("metric", "value").iter_rows()
-        )
+        {
+            (split, metric): value
+            for split, metric, value in pl.read_parquet(
+                tmp_path / d / "metrics.parquet"
+            ).iter_rows()
+        }
         for d in ("memory", backend)
     ]
     assert list(metrics[1]) == list(metrics[0])
-    auc = {k: m.pop("roc_auc") for k, m in zip(("memory", backend), metrics, strict=True)}
+    assert {split for split, _ in metrics[0]} == {"train", "validation"}
+    assert metrics[0][("validation", "n_examples")] > 0
+    for split in ("train", "validation"):
+        auc = [m.pop((split, "roc_auc")) for m in metrics]
+        assert auc[1] == pytest.approx(auc[0], abs=1e-4)  # from score histograms
     np.testing.assert_allclose(list(metrics[1].values()), list(metrics[0].values()), rtol=1e-12)
-    assert auc[backend] == pytest.approx(auc["memory"], abs=1e-4)  # from score histograms
     if backend == "stream":  # --cleanup-cache: nothing left behind
         assert not any((tmp_path / "cache").iterdir())
 
 
 def test_metrics_merged_over_pieces_equal_the_whole():
-    from flows.backends.pieces import merge_metrics, piece_sums
+    from flows.backends.partial_metrics import merge_metrics, piece_sums
     from lr_kernel.metrics import binary_metrics
 
     rng = np.random.default_rng(5)

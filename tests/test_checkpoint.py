@@ -12,20 +12,19 @@ import pytest
 import flows.train
 from flows.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flows.config import TrainConfig
-from flows.dataset import load_dataset, plan_inputs
 from flows.errors import DataError
 from flows.train import fit_dataset
-from tests.conftest import write_parquet
+from tests.conftest import load_memory, write_parquet
 
 # Runs the pipeline's fit step with checkpoints and no Prefect, to be killed mid-run.
 CHILD = """
 import sys
+from flows.backends import open_training_data, plan_run
 from flows.config import TrainConfig
-from flows.dataset import load_dataset, plan_inputs
 from flows.train import fit_dataset
 config = TrainConfig.model_validate_json(sys.argv[1])
-dataset = load_dataset(plan_inputs(config.data))
-fit_dataset(dataset, config)
+data = open_training_data(config, *plan_run(config))
+fit_dataset(data, config)
 """
 
 
@@ -53,7 +52,7 @@ def config_for(path, out, **changes):
 def test_kill_9_then_resume_equals_the_uninterrupted_run(problem, tmp_path, optimizer):
     out = tmp_path / "out"
     config = config_for(problem, out, optimizer=optimizer)
-    dataset = load_dataset(plan_inputs(config.data))
+    dataset = load_memory(config)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, config.model_dump_json()],
         cwd=os.getcwd(),
@@ -82,7 +81,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(problem, tmp_path, opti
 def test_a_checkpoint_for_another_config_is_refused(problem, tmp_path):
     out = tmp_path / "out"
     config = config_for(problem, out, iterations=100)
-    dataset = load_dataset(plan_inputs(config.data))
+    dataset = load_memory(config)
     fit_dataset(dataset, config)
     assert (out / CHECKPOINT_NAME).exists()
     changed = config.model_copy(update={"l2": 2.0, "resume": True})
@@ -96,23 +95,21 @@ def test_a_checkpoint_for_another_config_is_refused(problem, tmp_path):
 def test_other_data_is_refused(problem, tmp_path):
     out = tmp_path / "out"
     config = config_for(problem, out, iterations=100)
-    fit_dataset(load_dataset(plan_inputs(config.data)), config)
+    fit_dataset(load_memory(config), config)
     other = write_parquet(
         tmp_path / "e.parquet",
         {**{f"x{j}": [0.0, 1.0, 2.0, 3.0] for j in range(4)}, "label": [0, 1, 0, 1]},
     )
+    other_config = config.model_copy(update={"data": str(other), "resume": True})
     with pytest.raises(DataError, match="different input_fingerprint"):
-        fit_dataset(
-            load_dataset(plan_inputs(other)),
-            config.model_copy(update={"data": str(other), "resume": True}),
-        )
+        fit_dataset(load_memory(other_config), other_config)
 
 
 def test_a_prefect_retry_of_the_fit_task_continues_from_its_checkpoint(
     prefect_api, problem, tmp_path, monkeypatch
 ):
     calls = []
-    real_fit = flows.train.fit
+    real_fit = flows.train.fit_loss
 
     def flaky_fit(*args, **kwargs):
         calls.append(kwargs["resume"])
@@ -123,7 +120,7 @@ def test_a_prefect_retry_of_the_fit_task_continues_from_its_checkpoint(
             raise ConnectionError("worker lost")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(flows.train, "fit", flaky_fit)
+    monkeypatch.setattr(flows.train, "fit_loss", flaky_fit)
     monkeypatch.setattr(
         flows.train, "fit_model", flows.train.fit_model.with_options(retry_delay_seconds=0)
     )

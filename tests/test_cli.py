@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
+from flows.dataset import held_out
 from flows.outputs import read_metadata
 from tests.conftest import real_binary_dataset, write_parquet
 
@@ -55,8 +57,9 @@ def test_python_dash_m_runs_the_same_cli():
 def test_train_writes_the_contracted_outputs(prefect_api, sample_file, tmp_path, capsys):
     out = tmp_path / "out"
     status = run_cli(
-        "train", "--data", sample_file, "--output", out, "--iterations", "500", "--l2", "0.1"
-    )
+        "train", "--data", sample_file, "--output", out, "--iterations", "500", "--l2", "0.1",
+        "--exclude", "id",
+    )  # fmt: skip
     assert status == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
     params = pl.read_parquet(out / "params.parquet")
@@ -68,16 +71,28 @@ def test_train_writes_the_contracted_outputs(prefect_api, sample_file, tmp_path,
     assert np.all(np.diff(history["cost"].to_numpy()) <= 1e-15)  # stable step: never rises
     metrics = pl.read_parquet(out / "metrics.parquet")
     assert {"log_loss", "accuracy"} <= set(metrics["metric"].to_list())
+    assert metrics.filter(pl.col("metric") == "weighted")["value"].to_list() == [0.0, 0.0]
     meta = read_metadata(out / "params.parquet")
-    assert meta["features"] == ["x1", "x2"]
+    assert meta["format_version"] == 2
+    assert meta["features"] == meta["columns"] == ["x1", "x2"]
+    assert meta["feature_plan"]["terms"] == ["x1", "x2"]
+    assert meta["feature_plan"]["left_out"] == [
+        {"name": "label", "reason": "label"},
+        {"name": "id", "reason": "in --exclude"},
+    ]
     assert meta["label_mapping"] == {"negative": False, "positive": True, "dtype": "Boolean"}
     assert meta["config"]["l2"] == 0.1
-    assert meta["n_examples"] == 32  # the default validation split holds out 20%
-    assert meta["validation"]["n_examples"] == 8
+    # The default validation split holds out about 20%: the rows the seed's hash picks.
+    n_held_out = int(np.count_nonzero(held_out("split", 0, 40, 0.2, seed=0)))
+    assert 0 < n_held_out < 20
+    assert meta["n_examples"] == 40 - n_held_out
+    assert meta["validation"]["n_examples"] == n_held_out
     assert meta["input_files"] == [str(sample_file)]
     for key in ("feature_mean", "feature_scale", "input_fingerprint", "versions", "started_at"):
         assert key in meta
-    assert "trained on 32 examples" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"trained on {40 - n_held_out} examples x 2 terms" in printed
+    assert "column 'id': left out (in --exclude)" in printed
 
 
 def _real_dataset(name):
@@ -144,9 +159,13 @@ def _snapshot(directory: Path) -> dict:
     ("columns", "extra", "message"),
     [
         ({"x": [1.0, 2.0], "label": [1, 1]}, [], "column 'label': label has one value"),
-        ({"x": [1.0, None], "label": [0, 1]}, [], "column 'x': 1 null values"),
-        ({"x": ["a", "b"], "label": [0, 1]}, ["--features", "x"], "column 'x': feature has type"),
-        ({"x": [1.0, 2.0], "label": [0, 1]}, ["--label", "y"], "label column not found"),
+        ({"x": [1.0, None], "label": [0, 1]}, [], "null values in 1 column(s): 'x' (1)"),
+        (
+            {"x": [date(2020, 1, 1)] * 2, "label": [0, 1]},
+            ["--features", "x"],
+            "column 'x': feature has type Date",
+        ),
+        ({"x": [1.0, 2.0], "label": [0, 1]}, ["--label", "y"], "label column 'y' not found"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--learning-rate", "-1"], "learning_rate"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--iterations", "0"], "iterations"),
         ({"x": [1.0, 2.0], "label": [0, 1]}, ["--dtype", "float16"], "dtype"),

@@ -12,9 +12,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from flows.dataset import load_dataset, plan_inputs, scan, validate_values
+from flows.backends import check_values
 from flows.errors import DataError
+from tests.conftest import load, load_memory, memory_config
 
 HUGE = [0.0, -0.0, 1.0, -1.0, 1e-300, 1e308, -1.7e308, 3.5e38, 1e39, math.nan, math.inf, -math.inf]
 NUMERIC = {
@@ -58,6 +60,12 @@ CLEAN_NUMERIC = {
     "float64": (pa.float64(), st.floats(-1e100, 1e100)),
     "decimal": NUMERIC["decimal"],
 }
+# Clean features of the other kinds: booleans and strings (treatment-coded categoricals).
+CLEAN_FEATURES = {
+    **CLEAN_NUMERIC,
+    "bool": (pa.bool_(), st.booleans()),
+    "string": (pa.string(), st.sampled_from(["", "a", "b", "é:", "a\n"])),
+}
 CLEAN_LABELS = {
     "bool": (pa.bool_(), [False, True]),
     "int01": (pa.int64(), [0, 1]),
@@ -92,9 +100,9 @@ def clean_label(draw, n_rows):
 def parquet_case(draw):
     """One or two Parquet files (same or different schema) and the reader's options.
 
-    Half the cases are "clean" (numeric finite features, a two-valued label, one
-    schema) so that loads are common; the rest draw from every type, null, NaN,
-    infinity and huge value, so that every error path is exercised.
+    Half the cases are "clean" (finite numeric, boolean or string features, a
+    two-valued label, one schema) so that loads are common; the rest draw from every
+    type, null, NaN, infinity and huge value, so that every error path is exercised.
     """
     clean = draw(st.booleans())
     n_rows = draw(st.integers(2, 12) if clean else st.integers(0, 12))
@@ -108,7 +116,7 @@ def parquet_case(draw):
         ).filter(lambda ns: "label" not in ns)
     )
     if clean:
-        arrays = {name: draw(column(CLEAN_NUMERIC, n_rows, (0.0,))) for name in names}
+        arrays = {name: draw(column(CLEAN_FEATURES, n_rows, (0.0,))) for name in names}
         arrays["label"] = draw(clean_label(n_rows))
     else:
         kinds = st.sampled_from([NUMERIC, NUMERIC, NUMERIC, OTHER])
@@ -144,25 +152,50 @@ def write_files(directory: Path, case) -> Path:
     return directory
 
 
+# Arrow types that are features: numeric (standardized), boolean (one 0/1 term) and
+# string (treatment-coded, the first sorted level the reference).
+NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
+
+
+def kind_of(arrow_type: pa.DataType) -> str | None:
+    if any(check(arrow_type) for check in NUMERIC_TYPES):
+        return "numeric"
+    if pa.types.is_boolean(arrow_type):
+        return "boolean"
+    if pa.types.is_string(arrow_type):
+        return "categorical"
+    return None
+
+
 def expected_matrices(table: pa.Table, features, label, mapping, standardize, dtype):
-    """The oracle: the same matrices from pyarrow and NumPy, computed independently."""
-    rows = []
+    """The oracle: the terms and matrices from pyarrow and NumPy, computed independently."""
+    rows, terms = [], []
     for name in features:
+        kind = kind_of(table.schema.field(name).type)
+        if kind == "categorical":
+            values = table.column(name).to_pylist()
+            assert None not in values  # validated
+            levels = sorted(set(values))
+            for level in levels[1:]:  # the first is the reference: no term
+                terms.append(f"{name}={level}")
+                rows.append(np.array([1.0 if v == level else 0.0 for v in values]))
+            continue
         # safe=False: int64 beyond 2**53 rounds to the nearest float, as the loader does.
         values = pc.cast(table.column(name), pa.float64(), safe=False).to_numpy(
             zero_copy_only=False
         )
         assert not np.any(np.isnan(values)) and np.all(np.isfinite(values))  # validated
-        if standardize:
+        if standardize and kind == "numeric":
             mean, std = values.mean(), values.std()
             scale = 1.0 if std <= 10 * np.finfo(float).eps * max(1.0, abs(mean)) else std
             values = (values - mean) / scale
+        terms.append(name)
         rows.append(values)
-    X = np.array(rows, dtype=np.float64).reshape(len(features), table.num_rows)
+    X = np.array(rows, dtype=np.float64).reshape(len(rows), table.num_rows)
     labels = table.column(label).to_pylist()
     assert None not in labels  # validated
     Y = np.array([[1.0 if v == mapping.positive else 0.0 for v in labels]])
-    return X.astype(dtype), Y.astype(dtype)
+    return tuple(terms), X.astype(dtype), Y.astype(dtype)
 
 
 @settings(
@@ -174,33 +207,53 @@ def expected_matrices(table: pa.Table, features, label, mapping, standardize, dt
 def test_the_reader_loads_correct_matrices_or_raises_data_error(case):
     with tempfile.TemporaryDirectory() as tmp:
         data = write_files(Path(tmp), case)
+        options = {
+            "label": "label",
+            "features": case["features"],
+            "positive_label": case["positive"],
+            "standardize": case["standardize"],
+            "dtype": case["dtype"],
+        }
         try:
-            plan = plan_inputs(data, "label", case["features"])
-            options = {"standardize": case["standardize"], "dtype": case["dtype"]}
-            mapping = validate_values(plan, scan(plan), case["positive"], **options)
-            dataset = load_dataset(plan, positive_label=case["positive"], **options)
+            config = memory_config(data, **options)
+        except ValidationError as error:
+            # The one input the config itself refuses: a feature listed twice.
+            assert "features repeats" in str(error)
+            assert len(set(case["features"])) < len(case["features"])
+            return
+        try:
+            # The checks the CLI runs first, then the load: the same plan, or an error.
+            checked = check_values(config)
+            dataset = load_memory(config)
         except DataError as error:
             assert "\n" not in str(error)
             return
     # Loaded: the input must have been valid, and the matrices must be right.
     table = case["table"]
-    assert dataset.label_mapping == mapping
+    mapping = dataset.plan.label_mapping
+    assert checked == dataset.plan
     assert table.num_rows > 0 and dataset.n_examples == table.num_rows
+    assert dataset.held_out is None
     distinct = pc.unique(table.column("label")).to_pylist()
     assert len(distinct) == 2 and None not in distinct
-    assert {dataset.label_mapping.negative, dataset.label_mapping.positive} == set(distinct)
-    X, Y = expected_matrices(
-        table, dataset.features, "label", mapping, case["standardize"], case["dtype"]
+    assert {mapping.negative, mapping.positive} == set(distinct)
+    columns = case["features"] or [
+        name for name in table.column_names if name != "label" and kind_of(table[name].type)
+    ]
+    assert dataset.plan.columns == tuple(columns)
+    terms, X, Y = expected_matrices(
+        table, columns, "label", mapping, case["standardize"], case["dtype"]
     )
-    assert dataset.X.shape == X.shape and dataset.X.dtype == np.dtype(case["dtype"])
-    assert dataset.X.flags.c_contiguous
+    assert dataset.plan.terms == terms
+    assert dataset.train.X.shape == X.shape and dataset.train.X.dtype == np.dtype(case["dtype"])
+    assert dataset.train.X.flags.c_contiguous
     # Polars and NumPy sum in different orders: agreement to a few ulps of the
     # largest magnitude (the features' range), in the target dtype.
     eps = float(np.finfo(np.dtype(case["dtype"])).eps)
     for j in range(X.shape[0]):
         magnitude = max(1.0, float(np.max(np.abs(X[j].astype(np.float64)), initial=0.0)))
-        np.testing.assert_allclose(dataset.X[j], X[j], rtol=0, atol=64 * eps * magnitude)
-    np.testing.assert_array_equal(dataset.Y, Y)
+        np.testing.assert_allclose(dataset.train.X[j], X[j], rtol=0, atol=64 * eps * magnitude)
+    np.testing.assert_array_equal(dataset.train.Y, Y)
 
 
 def test_the_generators_reach_both_outcomes():
@@ -213,10 +266,9 @@ def test_the_generators_reach_both_outcomes():
         with tempfile.TemporaryDirectory() as tmp:
             data = write_files(Path(tmp), case)
             try:
-                plan = plan_inputs(data, "label", case["features"])
-                load_dataset(plan, positive_label=case["positive"])
+                load(data, features=case["features"], positive_label=case["positive"])
                 outcomes["loaded"] += 1
-            except DataError:
+            except (DataError, ValidationError):
                 outcomes["error"] += 1
 
     probe()
@@ -231,5 +283,5 @@ def test_decimal_values_are_exact_enough():
             pa.table({"x": pa.array(values, pa.decimal128(12, 3)), "label": [0, 1]}),
             Path(tmp) / "a.parquet",
         )
-        data = load_dataset(plan_inputs(Path(tmp) / "a.parquet"), standardize=False)
-    np.testing.assert_allclose(data.X[0], [12345678.901, -0.001], rtol=1e-15)
+        data = load(Path(tmp) / "a.parquet", standardize=False)
+    np.testing.assert_allclose(data.train.X[0], [12345678.901, -0.001], rtol=1e-15)

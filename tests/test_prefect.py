@@ -174,6 +174,7 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
 
     from prefect.artifacts import Artifact
 
+    from flows.dataset import held_out
     from flows.errors import DivergedError
     from flows.train import fit_model, load_data, train
 
@@ -182,9 +183,8 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
     assert not fit_model.retry_condition_fn(None, None, SimpleNamespace(data=DivergedError("x")))
     assert fit_model.retry_condition_fn(None, None, SimpleNamespace(data=ConnectionError("x")))
     out = tmp_path / "out"
-    state = train(
-        TrainConfig(data=str(sample_file), output=str(out), iterations=300), return_state=True
-    )
+    config = TrainConfig(data=str(sample_file), output=str(out), iterations=300, exclude=["id"])
+    state = train(config, return_state=True)
     summary = state.result()
     found = _artifacts_of(state.state_details.flow_run_id)
     outputs = [
@@ -212,9 +212,11 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
     assert found["train-report"].type == "markdown"
     assert f"| iterations run | {summary.n_iterations} |" in report
     assert f"| stop reason | {summary.stop_reason} |" in report
+    n_held_out = int(np.count_nonzero(held_out("split", 0, 40, 0.2, seed=0)))
+    assert summary.n_examples == 40 - n_held_out and summary.n_validation_examples == n_held_out
     assert (
-        "| training rows | 32 |" in report
-        and "| validation rows | 8 |" in report
+        f"| training rows | {40 - n_held_out} |" in report
+        and f"| validation rows | {n_held_out} |" in report
         and "2: x1, x2" in report
     )
     assert "| train | accuracy |" in report and str(out / "metrics.parquet") in report

@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 from flows import outputs
 from flows.cli import main
-from flows.config import TrainConfig
-from flows.dataset import load_dataset, plan_inputs, resolve_files
+from flows.dataset import plan_inputs, resolve_files
 from flows.errors import DataError, DivergedError
 from flows.outputs import (
     MANIFEST_NAME,
@@ -38,6 +37,7 @@ from flows.outputs import (
 )
 from lr_kernel import fit, loss_and_gradients
 from lr_kernel.stepsize import gram_largest_eigenvalue, stable_learning_rate
+from tests.conftest import load, load_memory, memory_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"x": [1.0, 2.0, 3.0, 4.0], "label": [0, 1, 0, 1]}
@@ -102,7 +102,10 @@ BAD_CLI_INPUTS = {
     "glob matching only directories": (_glob_of_directories, "no file matches"),
     "broken symlink among the files": (_broken_link, r"b\.parquet: broken symbolic link"),
     "device instead of a file": (lambda t: ("/dev/null", []), "not a regular file"),
-    "300 files, one with a null": (_many_files_one_bad, r"part-0217\.parquet: column 'x': 1 null"),
+    "300 files, one with a null": (
+        _many_files_one_bad,
+        r"part-0217\.parquet: null values in 1 column\(s\): 'x' \(1\)",
+    ),
     "zero columns": (_one(pa.table({})), "file has no columns"),
     "duplicate column names in the file": (
         _one(
@@ -114,7 +117,7 @@ BAD_CLI_INPUTS = {
     ),
     "label of nulls only": (
         _one({"x": [1.0, 2.0], "label": pa.array([None, None], pa.int64())}),
-        "column 'label': 2 null values",
+        "column 'label': label has 2 null values",
     ),
     "label of null type": (
         _one({"x": [1.0, 2.0], "label": pa.array([None, None], pa.null())}),
@@ -149,14 +152,18 @@ BAD_CLI_INPUTS = {
     ),
     "decimal beyond 38 digits": (
         _one({"x": pa.array([decimal.Decimal(10**70)] * 2, pa.decimal256(76, 0)), "label": [0, 1]}),
-        r"a\.parquet: cannot read data",
+        r"a\.parquet: column 'x': cannot read data \(decimal precision 76",
     ),
     "values that overflow the standardization": (
         _one({"x": [1e200, -1e200, 0.0], "label": [0, 1, 0]}),
         "values too large to standardize",
     ),
     "values beyond float32": (
-        _one({"x": [1e39, 1.0], "label": [0, 1]}, "--dtype", "float32", "--no-standardize"),
+        # Nothing held out: with two rows, the split could leave a class without training rows.
+        _one(
+            {"x": [1e39, 1.0], "label": [0, 1]},
+            *("--dtype", "float32", "--no-standardize", "--validation-fraction", "0"),
+        ),
         "column 'x': values exceed the float32 range",
     ),
     "duplicate --features": (_one(GOOD, "--features", "x,x"), "features repeats x"),
@@ -167,7 +174,7 @@ BAD_CLI_INPUTS = {
     ),
     "newline in a column name": (
         _one({"x\nevil": [1.0, 2.0], "y": [0, 1]}),
-        r"label column not found \(columns: x\\nevil, y\)",
+        r"label column 'label' not found \(columns: x\\nevil, y\)",
     ),
     "empty --data": (lambda t: ("", []), "data: String should have at least 1 character"),
     "learning rate NaN": (_one(GOOD, "--learning-rate", "nan"), "learning_rate: Value error"),
@@ -258,11 +265,12 @@ def test_odd_but_valid_inputs_load_correctly(tmp_path):
     (tmp_path / "d" / ".staging").mkdir()
     (tmp_path / "d" / ".staging" / "part-2.parquet").write_text("half written")
     (tmp_path / "d" / "_SUCCESS").write_text("")
-    data = load_dataset(plan_inputs(tmp_path / "d"), standardize=False)
+    data = load(tmp_path / "d", standardize=False)
     assert [p.name for p in data.files] == ["part-0.parquet"]
-    assert data.features == ("größe ✓",)
-    np.testing.assert_array_equal(data.X, [[1.25, -2.5, 3.0]])  # exact: all are binary fractions
-    np.testing.assert_array_equal(data.Y, [[0.0, 1.0, 0.0]])
+    assert data.plan.terms == ("größe ✓",)
+    # exact: all are binary fractions
+    np.testing.assert_array_equal(data.train.X, [[1.25, -2.5, 3.0]])
+    np.testing.assert_array_equal(data.train.Y, [[0.0, 1.0, 0.0]])
 
 
 def test_a_missing_file_exits_2_in_a_real_process_and_prints_no_traceback(tmp_path):
@@ -393,17 +401,18 @@ WRITER = textwrap.dedent(
     from datetime import datetime, timezone
     from pathlib import Path
 
+    from flows.backends import open_training_data, plan_run
     from flows.config import TrainConfig
-    from flows.dataset import load_dataset, plan_inputs
     from flows.outputs import write_run_outputs
     from lr_kernel import fit
 
     data, out, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    config = TrainConfig(data=data, output=str(out), iterations=5)
+    config = TrainConfig(data=data, output=str(out), iterations=5, backend="memory")
     print("ready", flush=True)
     for k in range(1_000_000):
-        dataset = load_dataset(plan_inputs(data))
-        result = fit(dataset.X, dataset.Y, learning_rate=0.5, iterations=1 + k % 7)
+        dataset = open_training_data(config, *plan_run(config))
+        rows = dataset.train
+        result = fit(rows.X, rows.Y, learning_rate=0.5, iterations=1 + k % 7)
         write_run_outputs(out, dataset, result, config, started_at=datetime.now(timezone.utc),
                           run_id=f"{name}-{k:07d}")
     """
@@ -504,14 +513,15 @@ def test_divergence_names_a_stable_rate_that_then_trains(tmp_path):
     x = rng.normal(size=(2, 500)) * [[100.0], [3.0]]
     label = (x[0] / 100 + x[1] / 3 + rng.normal(size=500)) > 0
     path = table(tmp_path / "d.parquet", {"x0": x[0], "x1": x[1], "label": label})
-    dataset = load_dataset(plan_inputs(path), standardize=False)
-    config = TrainConfig(data=str(path), output=str(tmp_path / "o"), learning_rate=10.0)
+    config = memory_config(path, output=str(tmp_path / "o"), learning_rate=10.0, standardize=False)
+    dataset = load_memory(config)
     with pytest.raises(DivergedError) as raised:
         fit_dataset(dataset, config)
     message = str(raised.value)
     assert "learning rate 10 is too large" in message and "--learning-rate auto" in message
     suggested = float(re.search(r"; ([0-9.e+-]+) is stable for it", message).group(1))
-    assert suggested == pytest.approx(stable_learning_rate(dataset.X), rel=1e-2)  # 3 digits shown
+    # 3 digits shown
+    assert suggested == pytest.approx(stable_learning_rate(dataset.train.X), rel=1e-2)
     result = fit_dataset(
         dataset, config.model_copy(update={"learning_rate": suggested, "iterations": 200})
     )
@@ -521,7 +531,7 @@ def test_divergence_names_a_stable_rate_that_then_trains(tmp_path):
         dataset, config.model_copy(update={"learning_rate": "auto", "iterations": 200})
     )
     assert auto.cost_history[-1] < auto.cost_history[0]
-    cost, _, _ = loss_and_gradients(dataset.X, dataset.Y, auto.w, auto.b)
+    cost, _, _ = loss_and_gradients(dataset.train.X, dataset.train.Y, auto.w, auto.b)
     assert cost == pytest.approx(auto.cost_history[-1], rel=1e-12)
 
 
@@ -529,10 +539,11 @@ def test_learning_rate_auto_runs_and_records_the_number(prefect_api, sample_file
     out = tmp_path / "out"
     assert run_cli("train", "--data", sample_file, "--output", out, "--learning-rate", "auto") == 0
     meta = read_metadata(out / "params.parquet")
-    dataset = load_dataset(plan_inputs(sample_file), validation_fraction=0.2)  # the CLI's default
-    assert meta["config"]["learning_rate"] == pytest.approx(
-        stable_learning_rate(dataset.X), rel=1e-12
-    )
+    dataset = load(sample_file, validation_fraction=0.2)  # the CLI's default
+    # 1/L of the training rows: L the exact largest eigenvalue of the Hessian at zero.
+    exact = 4 / np.linalg.eigvalsh(_gram(dataset.train.X))[-1]
+    assert meta["config"]["learning_rate"] == pytest.approx(exact, rel=1e-12)
+    assert meta["config"]["learning_rate"] == dataset.stable_learning_rate(0.0)
     assert meta["fit"]["stop_reason"] != "diverged"
     assert assert_consistent(out) == meta["run_id"]
     assert "wrote " + str(out / MANIFEST_NAME) in capsys.readouterr().out

@@ -9,15 +9,37 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.errors import DataError
+from flows.features import Feature, FeaturePlan, LabelMapping
 from flows.outputs import params_table, read_metadata, with_metadata, write_table_atomic
 from flows.scoring import load_model, plan_scoring, score_to_parquet
 from tests.conftest import real_binary_dataset, write_parquet
 from tests.test_cli import run_cli
 
 
-def write_model(directory, features, w, b, mapping=None):
+def write_model(directory, features, w, b, mapping=None, legacy=False):
+    """A model directory: numeric features, not standardized, ``w`` and ``b`` on the raw scale.
+
+    ``legacy``: the metadata of a model from before feature plans (format 1), with the
+    standardization as ``feature_mean``/``feature_scale`` and no ``feature_plan``.
+    """
     mapping = mapping or {"negative": False, "positive": True, "dtype": "Boolean"}
     metadata = {"features": list(features), "label": "label", "label_mapping": mapping}
+    if legacy:
+        metadata |= {
+            "format_version": 1,
+            "feature_mean": [0.0] * len(features),
+            "feature_scale": [1.0] * len(features),
+            "standardized": False,
+        }
+    else:
+        plan = FeaturePlan(
+            label="label",
+            label_mapping=LabelMapping(**mapping),
+            features=tuple(Feature(name, "numeric") for name in features),
+            standardized=False,
+            missing="error",
+        )
+        metadata |= {"format_version": 2, "feature_plan": plan.to_json()}
     table = with_metadata(params_table(tuple(features), np.asarray(w), b), metadata)
     write_table_atomic(table, directory / "params.parquet")
     return directory
@@ -42,7 +64,9 @@ def _frame(m, seed=0):
     }
 
 
-def test_scores_many_files_in_small_batches_in_order(tmp_path, model_dir):
+@pytest.mark.parametrize("legacy", [False, True], ids=["plan", "format-1"])
+def test_scores_many_files_in_small_batches_in_order(tmp_path, legacy):
+    model_dir = write_model(tmp_path / "model", ["x1", "x2"], [0.8, -0.05], 0.3, legacy=legacy)
     frames = [_frame(m, seed) for seed, m in enumerate([7, 50, 23])]
     for k, columns in enumerate(frames):
         write_parquet(tmp_path / "in" / f"part-{k}.parquet", columns)

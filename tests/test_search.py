@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from flows.config import TrainConfig
-from flows.dataset import load_dataset, plan_inputs
+from flows.dataset import held_out
 from flows.errors import DataError
 from flows.outputs import read_metadata
 from flows.search import (
@@ -15,7 +15,7 @@ from flows.search import (
     search_table,
 )
 from lr_kernel import fit
-from tests.conftest import write_parquet
+from tests.conftest import load, write_parquet
 from tests.test_cli import OUTPUT_FILES, run_cli
 
 SEARCH_FILES = sorted([*OUTPUT_FILES, "search.parquet", "search_cost_history.parquet"])
@@ -32,7 +32,7 @@ def _noisy_file(tmp_path, m=600, seed=0):
 
 def test_a_search_needs_validation_rows(tmp_path):
     path = _noisy_file(tmp_path)
-    dataset = load_dataset(plan_inputs(path))  # no validation split
+    dataset = load(path)  # no validation split
     config = TrainConfig(data=str(path), output="unused", l2=[0.0, 1.0], iterations=10)
     with pytest.raises(DataError, match="selects on validation data"):
         run_search(dataset, config, n_threads=1)
@@ -40,7 +40,7 @@ def test_a_search_needs_validation_rows(tmp_path):
 
 def test_search_selects_the_lowest_validation_loss_of_separate_fits(tmp_path):
     path = _noisy_file(tmp_path)
-    dataset = load_dataset(plan_inputs(path), validation_fraction=0.2, seed=0)
+    dataset = load(path, validation_fraction=0.2, seed=0)
     config = TrainConfig(
         data=str(path), output="unused", l2=[0.0, 30.0, 300.0], learning_rate=[0.5, 40.0],
         iterations=300,
@@ -50,10 +50,10 @@ def test_search_selects_the_lowest_validation_loss_of_separate_fits(tmp_path):
     # A step of 40 diverges on standardized data; those candidates cannot be chosen.
     diverged = [k for k in range(6) if search.grid.stop_reason[k] == "diverged"]
     assert diverged == [1, 3, 5] and np.isnan(search.validation_log_loss[diverged]).all()
-    validation = dataset.validation
+    validation = dataset.held_out
     for k in (0, 2, 4):
         single = fit(
-            search.train.X, search.train.Y, learning_rate=0.5,
+            search.train.train.X, search.train.train.Y, learning_rate=0.5,
             l2=float(search.grid.l2[k]), iterations=300, tol=config.tol,
         )  # fmt: skip
         np.testing.assert_allclose(search.grid.w[:, [k]], single.w, rtol=0, atol=1e-10)
@@ -97,7 +97,9 @@ def test_cli_search_writes_the_chosen_model_and_the_search(prefect_api, tmp_path
     # params.parquet holds the chosen model, and its metadata says which.
     assert meta["config"]["l2"] == chosen["l2"][0]
     assert meta["config"]["learning_rate"] == chosen["learning_rate"][0]
-    assert meta["n_examples"] == 480  # the training rows
+    # The training rows: those the seed's hash does not hold out, about 80%.
+    n_held_out = int(np.count_nonzero(held_out("split", 0, 600, 0.2, seed=0)))
+    assert meta["n_examples"] == 600 - n_held_out and 450 <= meta["n_examples"] <= 510
     history = pl.read_parquet(out / "cost_history.parquet")
     per_candidate = pl.read_parquet(out / "search_cost_history.parquet")
     chosen_history = per_candidate.filter(pl.col("candidate") == chosen["candidate"][0])
