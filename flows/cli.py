@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +20,7 @@ from flows.dataset import (
     validate_values,
 )
 from flows.errors import DataError, LrflowError, one_line
+from flows.store import check_store
 
 app = typer.Typer(
     name="lrflow",
@@ -143,6 +145,20 @@ def train(
         typer.Option(help="Dask scheduler tcp://HOST:PORT [default: start a LocalCluster]."),
     ] = None,
     dask_workers: Annotated[int, typer.Option(help="Workers of the LocalCluster.")] = 2,
+    promote: Annotated[
+        str,
+        typer.Option(
+            help="always, or if-better: latest.json names the new run only if its validation "
+            "log-loss is at most the current model's x (1 + --promote-tolerance)."
+        ),
+    ] = "if-better",
+    promote_tolerance: Annotated[
+        float, typer.Option(help="Relative slack of if-better (0.01: 1% worse still promotes).")
+    ] = 0.01,
+    keep_runs: Annotated[
+        int | None,
+        typer.Option(help="Keep the newest N run directories (and the promoted one) [all]."),
+    ] = None,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
     config = TrainConfig(
@@ -172,6 +188,9 @@ def train(
         cleanup_cache=cleanup_cache,
         dask_address=dask_address,
         dask_workers=dask_workers,
+        promote=promote,  # type: ignore[arg-type]  # validated by the model
+        promote_tolerance=promote_tolerance,
+        keep_runs=keep_runs,
     )
     # Every input check runs before Prefect (seconds to start) is even imported:
     # paths, schemas and columns from the footers, then the values in one streamed
@@ -191,6 +210,7 @@ def train(
             held_out = plan_inputs(config.validation_data, config.label, plan.features)
             check_held_out_labels(plan, held_out, scan(held_out), mapping)
     _check_output(config.output)
+    check_store(Path(config.output))
     check_output_location(config.data, config.output)
 
     # A batch job has no business phoning home; an explicit setting still wins.
@@ -228,6 +248,7 @@ def train(
         )
     for path in summary.files:
         typer.echo(f"wrote {path}")
+    typer.echo(f"run {Path(str(summary.run)).name}: {summary.promotion}")
 
 
 @app.command()
@@ -311,7 +332,9 @@ class LongRunProgressBar:
 
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="Output directory of `lrflow train`.")],
+    model: Annotated[
+        str, typer.Option(help="A model store (its latest.json) or a run directory of one.")
+    ],
     data: Annotated[str, typer.Option(help="Parquet file, directory of Parquet files, or glob.")],
     output: Annotated[str, typer.Option(help="Parquet file to write the predictions to.")],
     threshold: Annotated[
@@ -324,8 +347,9 @@ def score(
     # before Prefect starts (the model, the columns and types, footer null counts).
     # NaN/inf need a pass over the values, so scoring itself finds them.
     from flows.scoring import check_output_file, load_model, plan_scoring
+    from flows.store import resolve_model
 
-    plan_scoring(load_model(config.model), config.data)
+    plan_scoring(load_model(resolve_model(config.model)), config.data)
     check_output_file(config.output)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -340,7 +364,7 @@ def score(
         f"scored {summary.n_rows} rows: {summary.n_positive} predicted positive, "
         f"mean probability {summary.mean_probability:.6g}"
     )
-    typer.echo(f"wrote {summary.output}")
+    typer.echo(f"wrote {summary.output} (model {summary.model})")
 
 
 def _check_output(output: str) -> None:

@@ -19,6 +19,7 @@ from flows.scoring import (
     score_metadata,
     score_to_parquet,
 )
+from flows.store import model_origin, resolve_model
 
 
 class ScoreSummary(BaseModel):
@@ -29,17 +30,19 @@ class ScoreSummary(BaseModel):
     n_positive: int
     mean_probability: float
     seconds: float
+    model: str = ""  # the run directory that scored (a store's promoted run)
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
 def load_model_task(config: ScoreConfig) -> Model:
-    return load_model(config.model)
+    return load_model(resolve_model(config.model))
 
 
 @task(name="score-data", cache_policy=NO_CACHE)
 def score_data(model: Model, config: ScoreConfig) -> ScoreResult:
     plan = plan_scoring(model, config.data)
     metadata = score_metadata(model, plan, config) | {"run_id": flow_run.id}
+    metadata |= model_origin(model.path)  # which run of which store scored
     return score_to_parquet(
         plan,
         model,
@@ -58,6 +61,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
     logger.info("config: %s", config.model_dump_json())
     clock = time.perf_counter()
     model = load_model_task(config)
+    logger.info("model: %s", model.path)
     result = score_data(model, config)
     create_table_artifact(
         table=[
@@ -74,6 +78,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         n_positive=result.n_positive,
         mean_probability=result.mean_probability,
         seconds=time.perf_counter() - clock,
+        model=str(model.path),
     )
 
 

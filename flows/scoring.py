@@ -3,10 +3,8 @@
 import json
 import logging
 import math
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows import durable
 from flows.config import ScoreConfig
 from flows.dataset import FEATURE_DTYPES, common_schema, is_feature_dtype, resolve_files
 from flows.errors import DataError
-from flows.outputs import INTERCEPT_TERM, METADATA_KEY, PARAMS_SCHEMA, _fsync_directory
+from flows.outputs import INTERCEPT_TERM, METADATA_KEY, PARAMS_SCHEMA
 from lr_kernel import sigmoid
 
 OUTPUT_COLUMNS = ("probability", "prediction")
@@ -316,8 +315,6 @@ def score_to_parquet(
     are scored, then the file is flushed and renamed. ``progress(rows_done,
     rows_total)`` is called after each batch.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     schema = plan.output_schema
     if metadata is not None:
         schema = schema.with_metadata(
@@ -325,26 +322,19 @@ def score_to_parquet(
         )
     n_rows = n_positive = 0
     probability_sum = 0.0
-    try:
-        with temporary.open("wb") as handle:
-            # Dictionary-encoding random float64 probabilities only costs time; the
-            # keys and the two-valued prediction keep it.
-            dictionary = [name for name in schema.names if name != "probability"]
-            with pq.ParquetWriter(handle, schema, use_dictionary=dictionary) as writer:
-                for batch in score_batches(plan, model, threshold, batch_rows):
-                    writer.write_batch(batch.replace_schema_metadata(schema.metadata))
-                    probability = batch.column("probability").to_numpy()
-                    n_rows += batch.num_rows
-                    n_positive += int(np.count_nonzero(probability >= threshold))
-                    probability_sum += float(np.sum(probability))
-                    if progress is not None:
-                        progress(n_rows, plan.n_rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(output.parent)
+    with durable.replacing(output) as handle:
+        # Dictionary-encoding random float64 probabilities only costs time; the
+        # keys and the two-valued prediction keep it.
+        dictionary = [name for name in schema.names if name != "probability"]
+        with pq.ParquetWriter(handle, schema, use_dictionary=dictionary) as writer:
+            for batch in score_batches(plan, model, threshold, batch_rows):
+                writer.write_batch(batch.replace_schema_metadata(schema.metadata))
+                probability = batch.column("probability").to_numpy()
+                n_rows += batch.num_rows
+                n_positive += int(np.count_nonzero(probability >= threshold))
+                probability_sum += float(np.sum(probability))
+                if progress is not None:
+                    progress(n_rows, plan.n_rows)
     mean = probability_sum / n_rows if n_rows else math.nan
     return ScoreResult(output=output, n_rows=n_rows, n_positive=n_positive, mean_probability=mean)
 

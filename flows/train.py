@@ -2,6 +2,7 @@
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from flows.artifacts import (
     COST_CURVE_FILE,
     cost_curve_png,
+    publish_history,
     publish_run_artifacts,
     start_importing_matplotlib,
     training_progress,
@@ -26,8 +28,17 @@ from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, s
 from flows.config import TrainConfig
 from flows.dataset import Dataset, check_output_location, load_dataset, plan_inputs
 from flows.errors import DataError, DivergedError, LrflowError
-from flows.outputs import evaluate, metrics_rows, write_run_outputs
+from flows.outputs import evaluate, metrics_rows, raw_scale_parameters, run_output_files
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
+from flows.store import (
+    Candidate,
+    StoredRun,
+    check_store,
+    commit_run,
+    raw_validation_rows,
+    read_history,
+    summary_line,
+)
 from flows.threads import available_cores, kernel_threads
 from lr_kernel import FitResult, default_block_size, fit, fit_loss
 from lr_kernel.loss import resolve_engine
@@ -65,6 +76,10 @@ class TrainSummary(BaseModel):
     # With several l2 / learning-rate candidates: the chosen one's values, its
     # validation log-loss and the number of candidates.
     selected: dict[str, float] | None = None
+    # The model store: this run's directory, whether latest.json now names it, and why.
+    run: str | None = None
+    promoted: bool | None = None
+    promotion: str | None = None
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -243,28 +258,51 @@ def write_outputs(
     metrics: dict[str, dict[str, float]] | None = None,
     search: SearchResult | None = None,
     search_config: TrainConfig | None = None,
-) -> list[Path]:
+) -> StoredRun:
+    run_id = str(flow_run.id or uuid.uuid4())
     extra: dict[str, bytes | pa.Table] = {COST_CURVE_FILE: cost_curve_png(result.cost_history)}
     if search is not None:  # the search's files join the same output set
-        extra |= search_tables(
-            search, search_config or config, started_at=started_at, run_id=flow_run.id
-        )
-    return write_run_outputs(
-        Path(config.output),
+        search_config = search_config or config
+        extra |= search_tables(search, search_config, started_at=started_at, run_id=run_id)
+    files = run_output_files(
         dataset,
         result,
         config,
         started_at=started_at,
-        run_id=flow_run.id,
+        run_id=run_id,
         validation_cost=validation_cost,
         metrics=metrics,
         extra_files=extra,
+    )
+    w_raw, b_raw = raw_scale_parameters(result.w, result.b, dataset.mean, dataset.scale)
+    mapping = dataset.label_mapping
+    rows = None
+    if dataset.validation is not None:  # standardized with this run's statistics
+        held_out = dataset.validation
+        rows = raw_validation_rows(
+            dataset.features, held_out.X, held_out.Y, dataset.mean, dataset.scale,
+            dataset.label, mapping.negative, mapping.positive,
+        )  # fmt: skip
+    return commit_run(
+        Path(config.output),
+        files,
+        run_id=run_id,
+        started_at=started_at,
+        data_fingerprint=dataset.fingerprint,
+        n_examples=dataset.n_examples,
+        challenger=Candidate(
+            dataset.features, w_raw, b_raw, dataset.label, mapping.negative, mapping.positive
+        ),
+        rows=rows,
+        promote=config.promote,
+        tolerance=config.promote_tolerance,
+        keep_runs=config.keep_runs,
     )
 
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def publish_artifacts(
-    dataset: Dataset, result: FitResult, config: TrainConfig, files: list[Path], seconds: float
+    dataset: Dataset, result: FitResult, config: TrainConfig, stored: StoredRun, seconds: float
 ) -> None:
     publish_run_artifacts(
         config=config,
@@ -275,9 +313,11 @@ def publish_artifacts(
         n_iterations=result.n_iterations,
         stop_reason=result.stop_reason,
         seconds=seconds,
-        outputs=files,
+        outputs=list(stored.files),
         n_validation=0 if dataset.validation is None else dataset.validation.n_examples,
+        promotion=stored.comparison.rows(),
     )
+    publish_history(read_history(stored.store))
 
 
 @task(name="search", cache_policy=NO_CACHE)
@@ -300,6 +340,7 @@ def train(config: TrainConfig) -> TrainSummary:
     """Train logistic regression on Parquet data and write params, cost history and metrics."""
     logger = get_run_logger()
     logger.info("config: %s", config.model_dump_json())
+    check_store(Path(config.output))
     start_importing_matplotlib()  # for cost_history.png, overlapping the work below
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
@@ -337,20 +378,21 @@ def train(config: TrainConfig) -> TrainSummary:
             result.cost_history[-1],
         )
         metrics = evaluate_model(dataset, result)
-        files = write_outputs(
+        stored = write_outputs(
             dataset, result, written_config, started_at, validation_cost, metrics, search, config
         )
+        logger.info(summary_line(stored))
     finally:
         if not isinstance(dataset, Dataset):  # stop a Dask cluster, drop a stream cache if asked
             dataset.close()
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
-    publish_artifacts(dataset, result, written_config, files, time.perf_counter() - clock)
+    publish_artifacts(dataset, result, written_config, stored, time.perf_counter() - clock)
     publish_metrics(metrics, "train-metrics")
     if search is not None:
         publish_search(search)
     return TrainSummary(
         output=config.output,
-        files=[str(p) for p in files],
+        files=[str(p) for p in stored.files],
         n_examples=dataset.n_examples,
         n_features=len(dataset.features),
         n_iterations=result.n_iterations,
@@ -360,6 +402,9 @@ def train(config: TrainConfig) -> TrainSummary:
         n_validation_examples=0 if dataset.validation is None else dataset.validation.n_examples,
         metrics=metrics,
         selected=None if search is None else search.summary(config),
+        run=str(stored.run_dir),
+        promoted=stored.comparison.promoted,
+        promotion=stored.comparison.reason,
     )
 
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows import durable
 from flows.backends.pieces import (
     ValueSummary,
     finish_summary,
@@ -160,7 +160,7 @@ def _build_cache(
     target = np.dtype(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Built in a hidden sibling, then renamed whole: a reader sees all of it or none.
-    building = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    building = durable.temporary_name(path)
     building.mkdir()
     try:
         with (building / "XY.npy").open("wb") as handle:
@@ -195,9 +195,9 @@ def _build_cache(
             "mean": mean.tolist(),
             "scale": scale.tolist(),
         }
-        (building / "meta.json").write_text(json.dumps(meta))
+        durable.write_bytes(building / "meta.json", json.dumps(meta).encode())
         try:
-            os.rename(building, path)
+            durable.rename(building, path)
         except OSError:
             if not (path / "meta.json").is_file():  # not a concurrent run's identical cache
                 raise
