@@ -51,6 +51,7 @@ def test_file_then_rename_then_directory_are_synced_in_that_order(tmp_path, monk
 
 def test_rename_of_a_directory_syncs_the_target_directory(tmp_path, monkeypatch):
     (tmp_path / "building").mkdir()
+    (tmp_path / "parent").mkdir()
     synced: list[str] = []
     monkeypatch.setattr(durable, "fsync_directory", lambda d: synced.append(Path(d).name))
     durable.rename(tmp_path / "building", tmp_path / "parent" / "done")
@@ -92,4 +93,3 @@ def test_writers_use_the_one_module(module):
     source = (ROOT / module).read_text()
     assert "os.fsync" not in source
     assert "durable." in source
-

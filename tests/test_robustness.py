@@ -36,6 +36,7 @@ from flows.outputs import (
     verify_output_set,
     write_output_set,
 )
+from flows.store import latest
 from lr_kernel import fit, loss_and_gradients
 from lr_kernel.stepsize import gram_largest_eigenvalue, stable_learning_rate
 
@@ -528,6 +529,7 @@ def test_divergence_names_a_stable_rate_that_then_trains(tmp_path):
 def test_learning_rate_auto_runs_and_records_the_number(prefect_api, sample_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli("train", "--data", sample_file, "--output", out, "--learning-rate", "auto") == 0
+    out = latest(out)  # the run's directory in the store
     meta = read_metadata(out / "params.parquet")
     dataset = load_dataset(plan_inputs(sample_file), validation_fraction=0.2)  # the CLI's default
     assert meta["config"]["learning_rate"] == pytest.approx(
