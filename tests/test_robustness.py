@@ -335,10 +335,11 @@ class Crash(BaseException):
     """Stands in for the process dying: nothing after it runs."""
 
 
-# os.replace calls of one write: the staged manifest into place (the set is then
-# complete), then the commit: three data files and the manifest.
+# os.replace calls of one write: each staged file into place (flows.durable), the
+# staged manifest last (the set is then complete), then the commit: three data files
+# and the manifest.
 @pytest.mark.parametrize(
-    ("crash_at", "survivor"), [(1, "old"), (2, "new"), (3, "new"), (4, "new"), (5, "new")]
+    ("crash_at", "survivor"), [(k, "old") for k in range(1, 5)] + [(k, "new") for k in range(5, 9)]
 )
 def test_a_crash_at_every_rename_leaves_one_whole_set(tmp_path, monkeypatch, crash_at, survivor):
     out = tmp_path / "out"
