@@ -421,8 +421,8 @@ def commit_run(
             comparison = _recorded(history, run_id, promote, tolerance)
         else:
             comparison = _compare(store, challenger, rows, promote, tolerance, load_champion)
-            manifest = read_manifest(run_dir) if run_dir.is_dir() else None
-            if manifest is None or manifest.run_id != run_id:
+            existing = read_manifest(run_dir) if run_dir.is_dir() else None
+            if existing is None or existing.run_id != run_id:  # else a retry wrote it
                 write_output_set(run_dir, files, run_id=run_id)
             row = {
                 "run": name,
@@ -440,9 +440,11 @@ def commit_run(
                 _write_latest(
                     store, name, run_id, comparison.challenger_log_loss, comparison.reason
                 )
+        # Listed before pruning: a concurrent run that started later may leave this one
+        # outside the newest keep_runs, and then the next commit removes it.
+        listed = read_manifest(run_dir) if run_dir.is_dir() else None  # None: pruned before
+        written = () if listed is None else tuple(run_dir / entry.name for entry in listed.files)
         removed = prune(store, keep_runs, locked=True) if keep_runs is not None else ()
-    manifest = verify_output_set(run_dir)
-    written = tuple(run_dir / entry.name for entry in manifest.files)
     return StoredRun(store, run_dir, (*written, run_dir / MANIFEST_NAME), comparison, removed)
 
 
