@@ -413,3 +413,17 @@ def test_a_flat_output_directory_is_refused_with_one_line(prefect_api, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "flat output set" in err and f"mv {flat} {flat}.flat" in err
     assert sorted(p.name for p in flat.iterdir()) == before
+
+
+def test_a_failed_run_promotes_nothing_and_leaves_the_store_as_it_was(prefect_api, tmp_path):
+    rng = np.random.default_rng(4)
+    data = write_parquet(
+        tmp_path / "in" / "d.parquet",
+        {"x": rng.normal(size=500) * 100, "label": rng.integers(0, 2, size=500)},
+    )
+    store = tmp_path / "store"
+    assert run_cli("train", "--data", data, "--output", store, "--iterations", 20) == 0
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    diverging = ["--no-standardize", "--learning-rate", 10, "--promote", "always"]
+    assert run_cli("train", "--data", data, "--output", store, *diverging) == 1
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
