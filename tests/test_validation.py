@@ -9,6 +9,7 @@ from flows.config import TrainConfig
 from flows.dataset import load_dataset, plan_inputs, stratified_holdout
 from flows.errors import DataError
 from flows.outputs import read_metadata
+from flows.store import latest
 from tests.conftest import write_parquet
 from tests.test_cli import run_cli
 
@@ -91,6 +92,7 @@ def test_train_reports_both_splits_and_a_sparse_validation_cost(prefect_api, tmp
         "--validation-fraction", 0.25, "--seed", 5, "--validation-every", 10,
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
+    out = latest(out)  # the run's directory in the store
     metrics = pl.read_parquet(out / "metrics.parquet")
     names = ["log_loss", "accuracy", "precision", "recall", "f1", "roc_auc"]
     names += ["n_examples", "positive_rate"]
@@ -111,6 +113,7 @@ def test_fraction_zero_disables_validation(prefect_api, tmp_path, capsys):
     path = write_parquet(tmp_path / "d.parquet", _labelled(60))
     out = tmp_path / "out"
     assert run_cli("train", "--data", path, "--output", out, "--validation-fraction", 0) == 0
+    out = latest(out)
     assert pl.read_parquet(out / "metrics.parquet")["split"].unique().to_list() == ["train"]
     assert pl.read_parquet(out / "cost_history.parquet")["validation_cost"].null_count() > 0
     assert read_metadata(out / "params.parquet")["validation"] is None
