@@ -73,6 +73,9 @@ def _files(candidate: Candidate, run_id: str) -> dict[str, pa.Table | bytes]:
         "features": list(candidate.features),
         "label": candidate.label,
         "label_mapping": {"negative": False, "positive": True, "dtype": "Boolean"},
+        # Raw-scale numeric terms: the plan scoring rebuilds for a model without one.
+        "feature_mean": [0.0] * len(candidate.features),
+        "feature_scale": [1.0] * len(candidate.features),
     }
     table = params_table(candidate.features, candidate.w, candidate.b)
     return {"params.parquet": with_metadata(table, metadata), "cost_history.png": b"PNG"}
@@ -348,7 +351,12 @@ def test_two_cli_runs_then_score_from_the_store_and_from_a_run(prefect_api, tmp_
     data = write_parquet(tmp_path / "in" / "d.parquet", _labelled(300, 0))
     store = tmp_path / "store"
     for _ in range(2):
-        assert run_cli("train", "--data", data, "--output", store, "--iterations", 50) == 0
+        assert (
+            run_cli(
+                "train", "--exclude", "id", "--data", data, "--output", store, "--iterations", 50
+            )
+            == 0
+        )
     out = capsys.readouterr().out
     runs = sorted(p.name for p in (store / RUNS_DIR).iterdir())
     assert len(runs) == 2
@@ -387,9 +395,9 @@ def test_if_better_keeps_the_champion_over_a_model_of_shuffled_labels(
     held_out = write_parquet(tmp_path / "val" / "v.parquet", _labelled(300, 2))
     store = tmp_path / "store"
     common = ["--output", store, "--validation-data", held_out, "--iterations", 200]
-    assert run_cli("train", "--data", clean, *common) == 0
+    assert run_cli("train", "--exclude", "id", "--data", clean, *common) == 0
     champion = latest(store)
-    assert run_cli("train", "--data", shuffled, *common) == 0
+    assert run_cli("train", "--exclude", "id", "--data", shuffled, *common) == 0
     out = capsys.readouterr().out
     assert latest(store) == champion
     rows = read_history(store).to_pylist()
@@ -398,7 +406,9 @@ def test_if_better_keeps_the_champion_over_a_model_of_shuffled_labels(
     assert f"not promoted: validation log-loss {rows[1]['validation_log_loss']:.6g}" in out
     assert f"{champion.name} stays" in rows[1]["reason"]
     # --promote always replaces it all the same.
-    assert run_cli("train", "--data", shuffled, *common, "--promote", "always") == 0
+    assert (
+        run_cli("train", "--exclude", "id", "--data", shuffled, *common, "--promote", "always") == 0
+    )
     assert latest(store).name == read_history(store).column("run").to_pylist()[-1]
 
 
@@ -409,7 +419,7 @@ def test_a_flat_output_directory_is_refused_with_one_line(prefect_api, tmp_path,
     (flat / MANIFEST_NAME).write_text("{}")
     (flat / "params.parquet").write_bytes(b"PAR1")
     before = sorted(p.name for p in flat.iterdir())
-    assert run_cli("train", "--data", data, "--output", flat) == 2
+    assert run_cli("train", "--exclude", "id", "--data", data, "--output", flat) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "flat output set" in err and f"mv {flat} {flat}.flat" in err
     assert sorted(p.name for p in flat.iterdir()) == before
