@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export PREFECT_HOME ?= $(CURDIR)/.venv/prefect-home
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test lint bench clean serve ui-check
+.PHONY: setup run test lint bench clean serve ui-check trigger-check
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: lint
 # A local Prefect server + work pool + deployments + worker; Ctrl-C stops them.
 serve: setup
 	scripts/serve.sh
+
+# A real server, the work pool, a worker: train/nightly runs once, score/nightly must
+# follow it by its trigger (~80 s; `make test` runs it too, as tests/test_trigger.py).
+trigger-check: setup
+	$(BIN)/python scripts/trigger_check.py
 
 # Needs Chromium (apt-get install -y chromium); kept out of `make test` for that reason.
 ui-check: setup

@@ -61,8 +61,10 @@ def run_cli(args: list[str]) -> dict:
     return {**json.loads(line[4:]), "seconds": seconds}
 
 
-def params(directory: Path) -> np.ndarray:
-    return pl.read_parquet(directory / "params.parquet")["estimate"].to_numpy()
+def params(store: Path) -> np.ndarray:
+    from flows.store import latest
+
+    return pl.read_parquet(latest(store) / "params.parquet")["estimate"].to_numpy()
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 from uuid import UUID
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.config import TrainConfig
@@ -32,6 +33,8 @@ PROGRESS_KEY = "train-progress"
 PARAMETERS_KEY = "train-parameters"
 REPORT_KEY = "train-report"
 COST_CURVE_KEY = "train-cost-curve"
+HISTORY_KEY = "train-history"
+HISTORY_ROWS = 20
 OUTPUT_LINK_KEY_PREFIX = "train-output-"
 COST_CURVE_FILE = "cost_history.png"
 
@@ -151,6 +154,63 @@ def cost_curve_markdown(png: bytes, *, n_iterations: int, final_cost: float) -> 
     )
 
 
+def history_rows(history: pa.Table, last: int = HISTORY_ROWS) -> list[dict[str, Any]]:
+    """The last ``last`` rows of a store's ``runs.parquet``, newest first, for reading."""
+    rows = history.slice(max(0, history.num_rows - last)).to_pylist()[::-1]
+    for row in rows:
+        for key in ("started_at", "finished_at"):
+            row[key] = row[key].isoformat(timespec="seconds")
+        if row["validation_log_loss"] is not None:
+            row["validation_log_loss"] = round(row["validation_log_loss"], 6)
+    return rows
+
+
+def history_png(history: pa.Table) -> bytes:
+    """The validation log-loss of each run in ``runs.parquet``, promoted runs filled.
+
+    Runs without validation rows have no point. The x axis is the run's position
+    in the history (oldest first).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    loss = np.array(
+        [np.nan if v is None else v for v in history.column("validation_log_loss").to_pylist()],
+        dtype=np.float64,
+    )
+    promoted = np.array(history.column("promoted").to_pylist(), dtype=bool)
+    position = np.arange(loss.size)
+    figure = Figure(figsize=(7.0, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(position, loss, color=COST_CURVE_COLOR, linewidth=1, alpha=0.5)
+    axes.scatter(position[promoted], loss[promoted], color=COST_CURVE_COLOR, label="promoted")
+    axes.scatter(
+        position[~promoted], loss[~promoted], facecolors="none", edgecolors=COST_CURVE_COLOR,
+        label="not promoted",
+    )  # fmt: skip
+    axes.set_xlabel("run (oldest first)")
+    axes.set_ylabel("validation log-loss")
+    axes.set_title(f"validation log-loss over {loss.size} runs")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def history_markdown(history: pa.Table, last: int = HISTORY_ROWS) -> str:
+    """The store's history: the last runs as a table, and the log-loss over runs as a picture."""
+    rows = history_rows(history, last)
+    header = list(history.schema.names)
+    return (
+        f"# Model store history (last {len(rows)} of {history.num_rows} runs)\n\n"
+        + _table(header, [[row[name] for name in header] for row in rows])
+        + f"\n\n![validation log-loss over runs]({png_data_uri(history_png(history))})\n"
+    )
+
+
 def parameter_rows(params_path: Path) -> list[dict[str, Any]]:
     """The rows of a written ``params.parquet``: ``{"term": str, "estimate": float}``."""
     return pq.read_table(params_path, columns=["term", "estimate"]).to_pylist()
@@ -193,8 +253,9 @@ def report_markdown(
     outputs: Sequence[Path],
     columns: Sequence[Sequence[str]] = (),
     notes: Sequence[str] = (),
+    promotion: Sequence[tuple[str, object]] = (),
 ) -> str:
-    """The run's report: data, columns, config, how training went, metrics, wall time, outputs.
+    """The run's report: data, columns, config, how training went, metrics, promotion, outputs.
 
     ``columns`` are ``(column, role, detail)`` rows (every column used or left out,
     and why); ``notes`` are warnings to read before trusting the model.
@@ -230,6 +291,7 @@ def report_markdown(
         _table(
             ["split", "metric", "value"], [(r["split"], r["metric"], r["value"]) for r in metrics]
         ),
+        *(["## Promotion", _table(["", ""], promotion)] if promotion else []),
         "## Config",
         _table(["parameter", "value"], config_rows),
         "## Outputs",
@@ -289,6 +351,7 @@ def publish_run_artifacts(
     n_validation: int = 0,
     columns: Sequence[Sequence[str]] = (),
     notes: Sequence[str] = (),
+    promotion: Sequence[tuple[str, object]] = (),
 ) -> None:
     """Create the parameter table, the report, the cost curve and one link per output file."""
     from prefect.artifacts import (
@@ -321,6 +384,7 @@ def publish_run_artifacts(
             outputs=outputs,
             columns=columns,
             notes=notes,
+            promotion=promotion,
         ),
         key=REPORT_KEY,
         description=f"{n_iterations} iterations ({stop_reason}), final cost {final_cost:.6g}",
@@ -339,3 +403,16 @@ def publish_run_artifacts(
             key=output_link_key(path),
             description=f"Output file {path.name}",
         )
+
+
+def publish_history(history: pa.Table) -> None:
+    """The ``train-history`` artifact: the store's last runs and their validation log-loss."""
+    from prefect.artifacts import create_markdown_artifact
+
+    last = history.slice(history.num_rows - 1).to_pylist()[0] if history.num_rows else None
+    create_markdown_artifact(
+        history_markdown(history),
+        key=HISTORY_KEY,
+        description=f"runs.parquet: {history.num_rows} runs; the last: "
+        + (f"{last['run']} ({last['reason']})" if last else "none"),
+    )

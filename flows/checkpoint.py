@@ -1,13 +1,12 @@
 """Checkpoints of a training run: saved atomically beside the outputs, resumed only on a match."""
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flows import durable
 from flows.config import TrainConfig
 from flows.errors import DataError
 from lr_kernel import TrainState
@@ -44,7 +43,7 @@ def checkpoint_key(data: "TrainingData", config: TrainConfig) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, state: TrainState, key: dict[str, Any], run_id: str | None) -> None:
-    """Write ``state`` to ``path`` whole or not at all (temporary name, fsync, rename)."""
+    """Write ``state`` to ``path`` whole or not at all (:mod:`flows.durable`)."""
     arrays = {k: np.asarray(v) for k, v in state.momentum.items() if isinstance(v, np.ndarray)}
     scalars = {k: float(v) for k, v in state.momentum.items() if not isinstance(v, np.ndarray)}
     meta = {
@@ -55,23 +54,15 @@ def save_checkpoint(path: Path, state: TrainState, key: dict[str, Any], run_id: 
         "b": state.b,
         "momentum_scalars": scalars,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            np.savez(
-                handle,
-                meta=np.array(json.dumps(meta)),
-                w=state.w,
-                cost_history=state.cost_history,
-                gradient_norm_history=state.gradient_norm_history,
-                **{f"momentum_{k}": v for k, v in arrays.items()},  # type: ignore[arg-type]
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with durable.replacing(path) as handle:
+        np.savez(
+            handle,
+            meta=np.array(json.dumps(meta)),
+            w=state.w,
+            cost_history=state.cost_history,
+            gradient_norm_history=state.gradient_norm_history,
+            **{f"momentum_{k}": v for k, v in arrays.items()},  # type: ignore[arg-type]
+        )
 
 
 def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any], str | None]:

@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from flows.backends import check_values, plan_run, resolve_backend
 from flows.config import ScoreConfig, TrainConfig
 from flows.errors import DataError, LrflowError, one_line
+from flows.store import check_store
 
 app = typer.Typer(
     name="lrflow",
@@ -167,6 +169,20 @@ def train(
         typer.Option(help="Dask scheduler tcp://HOST:PORT [default: start a LocalCluster]."),
     ] = None,
     dask_workers: Annotated[int, typer.Option(help="Workers of the LocalCluster.")] = 2,
+    promote: Annotated[
+        str,
+        typer.Option(
+            help="always, or if-better: latest.json names the new run only if its validation "
+            "log-loss is at most the current model's x (1 + --promote-tolerance)."
+        ),
+    ] = "if-better",
+    promote_tolerance: Annotated[
+        float, typer.Option(help="Relative slack of if-better (0.01: 1% worse still promotes).")
+    ] = 0.01,
+    keep_runs: Annotated[
+        int | None,
+        typer.Option(help="Keep the newest N run directories (and the promoted one) [all]."),
+    ] = None,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
     config = TrainConfig(
@@ -201,12 +217,16 @@ def train(
         cleanup_cache=cleanup_cache,
         dask_address=dask_address,
         dask_workers=dask_workers,
+        promote=promote,  # type: ignore[arg-type]  # validated by the model
+        promote_tolerance=promote_tolerance,
+        keep_runs=keep_runs,
     )
     # Every input check runs before Prefect (seconds to start) is even imported:
     # paths, schemas and columns from the footers, then the values in one streamed
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan, _ = plan_run(config)
     _check_output(config.output)
+    check_store(Path(config.output))
     # Data that fits in memory is small enough to check in full first: the same
     # bounded first pass the run makes. Out-of-core and Dask runs make theirs
     # inside the flow instead (a pass over data of that size is the run's job).
@@ -252,6 +272,7 @@ def train(
         )
     for path in summary.files:
         typer.echo(f"wrote {path}")
+    typer.echo(f"run {Path(str(summary.run)).name}: {summary.promotion}")
 
 
 @app.command()
@@ -335,7 +356,9 @@ class LongRunProgressBar:
 
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="Output directory of `lrflow train`.")],
+    model: Annotated[
+        str, typer.Option(help="A model store (its latest.json) or a run directory of one.")
+    ],
     data: Annotated[str, typer.Option(help="Parquet file, directory of Parquet files, or glob.")],
     output: Annotated[str, typer.Option(help="Parquet file to write the predictions to.")],
     threshold: Annotated[
@@ -361,8 +384,9 @@ def score(
     # before Prefect starts (the model, the columns and types, footer null counts).
     # NaN/inf need a pass over the values, so scoring itself finds them.
     from flows.scoring import check_output_file, load_model, plan_scoring
+    from flows.store import resolve_model
 
-    plan_scoring(load_model(config.model), config.data, unseen=config.unseen)
+    plan_scoring(load_model(resolve_model(config.model)), config.data, unseen=config.unseen)
     check_output_file(config.output)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -391,7 +415,7 @@ def score(
             f"labelled: log_loss {m['log_loss']:.6g}, accuracy {m['accuracy']:.4f}, "
             f"roc_auc {m['roc_auc']:.4f}"
         )
-    typer.echo(f"wrote {summary.output}")
+    typer.echo(f"wrote {summary.output} (model {summary.model})")
     if summary.metrics_file is not None:
         typer.echo(f"wrote {summary.metrics_file}")
 

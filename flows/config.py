@@ -10,6 +10,8 @@ from lr_kernel.loss import compiled_engine_available
 DEFAULT_VALIDATION_FRACTION = 0.2
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 L2 = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Promote = Literal["always", "if-better"]
+DEFAULT_PROMOTE_TOLERANCE = 0.01
 
 
 class TrainConfig(BaseModel):
@@ -170,6 +172,26 @@ class TrainConfig(BaseModel):
     )
     dask_workers: int = Field(default=2, ge=1, description="Workers of the LocalCluster.")
 
+    # The model store (flows/store.py): which run latest.json names, how many run
+    # directories stay.
+    promote: Promote = Field(
+        default="if-better",
+        description="always: every finished run becomes latest; if-better: only when its "
+        "validation log-loss is at most the current model's x (1 + promote_tolerance).",
+    )
+    promote_tolerance: float = Field(
+        default=DEFAULT_PROMOTE_TOLERANCE,
+        ge=0,
+        allow_inf_nan=False,
+        description="Relative slack of if-better (0.01: up to 1% worse still promotes).",
+    )
+    keep_runs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep the run directories of the newest N runs (and the promoted one); "
+        "default: all.",
+    )
+
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _budget_in_units(cls, value: object) -> object:
@@ -236,7 +258,9 @@ class ScoreConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Directory of a train run (holds params.parquet).")
+    model: str = Field(
+        description="A model store (its latest.json names the run) or a run directory."
+    )
     unseen: Literal["error", "reference"] = Field(
         default="reference",
         description="A categorical level not seen in training: coded as the reference level "

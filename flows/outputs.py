@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows import durable
 from flows.config import TrainConfig
 from flows.errors import DataError
 from flows.locks import exclusive_lock
@@ -132,29 +133,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def write_table_atomic(table: pa.Table, path: Path) -> Path:
     """Write ``table`` to ``path`` so that readers see the whole file or none of it.
 
-    The data goes to a hidden temporary name in the same directory (same file
-    system, so the rename is atomic), is flushed to disk, then renamed over ``path``.
+    See :mod:`flows.durable`: temporary name, fsync, rename, fsync of the directory.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    with durable.replacing(path) as handle:
+        pq.write_table(table, handle)
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def run_metadata(
@@ -229,12 +212,42 @@ def write_run_outputs(
 ) -> list[Path]:
     """Write params, cost history and metrics of a finished fit as one output set.
 
+    The files are :func:`run_output_files`'s. Returns the paths of the files,
+    then of the ``_SUCCESS`` manifest.
+    """
+    run_id = run_id or uuid.uuid4().hex
+    files = run_output_files(
+        data,
+        result,
+        config,
+        started_at=started_at,
+        run_id=run_id,
+        validation_cost=validation_cost,
+        metrics=metrics,
+        extra_files=extra_files,
+    )
+    manifest = write_output_set(output, files, run_id=str(run_id))
+    return [*(output / entry.name for entry in manifest.files), output / MANIFEST_NAME]
+
+
+def run_output_files(
+    data: "TrainingData",
+    result: FitResult,
+    config: TrainConfig,
+    *,
+    started_at: datetime,
+    run_id: str,
+    validation_cost: np.ndarray | None = None,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    extra_files: Mapping[str, bytes | pa.Table] | None = None,
+) -> dict[str, pa.Table | bytes]:
+    """The files of a finished fit's output set: file name -> table (with metadata) or bytes.
+
     ``validation_cost`` is ``(n_iterations + 1,)`` with NaN where not evaluated;
     ``metrics`` default to the data's; ``extra_files`` (name -> bytes,
     e.g. the cost curve picture, or tables carrying their own metadata) join the
-    same set. Returns the paths of the files, then of the ``_SUCCESS`` manifest.
+    same set.
     """
-    run_id = run_id or uuid.uuid4().hex
     mean, scale = data.plan.term_mean_scale()
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
     if metrics is None:
@@ -251,8 +264,7 @@ def write_run_outputs(
         name: with_metadata(table, metadata) for name, table in tables.items()
     }
     files |= extra_files or {}
-    manifest = write_output_set(output, files, run_id=str(run_id))
-    return [*(output / entry.name for entry in manifest.files), output / MANIFEST_NAME]
+    return files
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,20 +347,17 @@ def write_output_set(
             entries = []
             for name, table in tables.items():
                 if isinstance(table, bytes):
-                    _write_bytes_durably(staging / name, table)
+                    durable.write_bytes(staging / name, table)
                 else:
-                    with (staging / name).open("wb") as handle:
+                    with durable.replacing(staging / name) as handle:
                         pq.write_table(table, handle)
-                        handle.flush()
-                        os.fsync(handle.fileno())
                 entries.append(_describe(staging / name))
             manifest = Manifest(
                 run_id=run_id,
                 files=tuple(entries),
                 written_at=datetime.now(timezone.utc).isoformat(),
             )
-            _write_bytes_durably(staging / MANIFEST_NAME, manifest.to_json())
-            _fsync_directory(staging)
+            durable.write_bytes(staging / MANIFEST_NAME, manifest.to_json())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -414,14 +423,14 @@ def verify_output_set(output: Path) -> Manifest:
 def _commit(output: Path, staging: Path, manifest: Manifest) -> None:
     """Steps 1-3 above; each can be repeated after a crash (renames of what is left)."""
     (output / MANIFEST_NAME).unlink(missing_ok=True)
-    _fsync_directory(output)
+    durable.fsync_directory(output)
     for entry in manifest.files:
         staged = staging / entry.name
         if staged.exists():  # absent: moved before the crash
             os.replace(staged, output / entry.name)
-    _fsync_directory(output)
+    durable.fsync_directory(output)
     os.replace(staging / MANIFEST_NAME, output / MANIFEST_NAME)
-    _fsync_directory(output)
+    durable.fsync_directory(output)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -433,16 +442,6 @@ def _describe(path: Path) -> OutputFile:
             digest.update(chunk)
             size += len(chunk)
     return OutputFile(name=path.name, size=size, blake2b=digest.hexdigest())
-
-
-def _write_bytes_durably(path: Path, data: bytes) -> None:
-    """Write, fsync, then rename into place: a crash never leaves a torn ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _versions() -> dict[str, str]:

@@ -19,6 +19,7 @@ from flows.scoring import (
     score_metadata,
     score_to_parquet,
 )
+from flows.store import model_origin, resolve_model
 
 
 class ScoreSummary(BaseModel):
@@ -35,17 +36,19 @@ class ScoreSummary(BaseModel):
     # When the data held the label: the model's metrics on it, and where they went.
     metrics: dict[str, float] | None = None
     metrics_file: str | None = None
+    model: str = ""  # the run directory that scored (a store's promoted run)
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
 def load_model_task(config: ScoreConfig) -> Model:
-    return load_model(config.model)
+    return load_model(resolve_model(config.model))
 
 
 @task(name="score-data", cache_policy=NO_CACHE)
 def score_data(model: Model, config: ScoreConfig) -> ScoreResult:
     plan = plan_scoring(model, config.data, unseen=config.unseen)
     metadata = score_metadata(model, plan, config) | {"run_id": flow_run.id}
+    metadata |= model_origin(model.path)  # which run of which store scored
     return score_to_parquet(
         plan,
         model,
@@ -64,6 +67,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
     logger.info("config: %s", config.model_dump_json())
     clock = time.perf_counter()
     model = load_model_task(config)
+    logger.info("model: %s", model.path)
     result = score_data(model, config)
     for column, count in result.unseen.items():
         logger.warning(
@@ -98,6 +102,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         imputed=result.imputed,
         metrics=result.metrics,
         metrics_file=None if result.metrics_file is None else str(result.metrics_file),
+        model=str(model.path),
     )
 
 

@@ -3,10 +3,8 @@
 import json
 import logging
 import math
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows import durable
 from flows.backends.partial_metrics import merge_metrics, piece_sums
 from flows.config import ScoreConfig
 from flows.dataset import common_schema, resolve_files
@@ -35,7 +34,6 @@ from flows.outputs import (
     INTERCEPT_TERM,
     METADATA_KEY,
     PARAMS_SCHEMA,
-    _fsync_directory,
     metrics_table,
     with_metadata,
     write_table_atomic,
@@ -420,8 +418,6 @@ def score_to_parquet(
     are scored, then the file is flushed and renamed. ``progress(rows_done,
     rows_total)`` is called after each batch.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     schema = plan.output_schema
     if metadata is not None:
         schema = schema.with_metadata(
@@ -432,40 +428,33 @@ def score_to_parquet(
     unseen: dict[str, int] = {}
     imputed: dict[str, int] = {}
     metric_sums: list[dict[str, Any]] = []
-    try:
-        with temporary.open("wb") as handle:
-            # Dictionary-encoding random float64 probabilities only costs time; the
-            # keys and the two-valued prediction keep it.
-            dictionary = [name for name in schema.names if name != "probability"]
-            with pq.ParquetWriter(handle, schema, use_dictionary=dictionary) as writer:
-                for scored in score_batches(plan, model, threshold, batch_rows):
-                    batch = scored.batch
-                    writer.write_batch(batch.replace_schema_metadata(schema.metadata))
-                    probability = batch.column("probability").to_numpy()
-                    n_rows += batch.num_rows
-                    n_positive += int(np.count_nonzero(probability >= threshold))
-                    probability_sum += float(np.sum(probability))
-                    for total, found in ((unseen, scored.unseen), (imputed, scored.imputed)):
-                        for name, count in found.items():
-                            total[name] = total.get(name, 0) + count
-                    if scored.metric_sums is not None:
-                        metric_sums.append(scored.metric_sums)
-                    if progress is not None:
-                        progress(n_rows, plan.n_rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        metrics = merge_metrics(metric_sums) if metric_sums else None
-        written_metrics = None
-        if metrics is not None:
+    metrics, written_metrics = None, None
+    with durable.replacing(output) as handle:
+        # Dictionary-encoding random float64 probabilities only costs time; the
+        # keys and the two-valued prediction keep it.
+        dictionary = [name for name in schema.names if name != "probability"]
+        with pq.ParquetWriter(handle, schema, use_dictionary=dictionary) as writer:
+            for scored in score_batches(plan, model, threshold, batch_rows):
+                batch = scored.batch
+                writer.write_batch(batch.replace_schema_metadata(schema.metadata))
+                probability = batch.column("probability").to_numpy()
+                n_rows += batch.num_rows
+                n_positive += int(np.count_nonzero(probability >= threshold))
+                probability_sum += float(np.sum(probability))
+                for total, found in ((unseen, scored.unseen), (imputed, scored.imputed)):
+                    for name, count in found.items():
+                        total[name] = total.get(name, 0) + count
+                if scored.metric_sums is not None:
+                    metric_sums.append(scored.metric_sums)
+                if progress is not None:
+                    progress(n_rows, plan.n_rows)
+        if metric_sums:
             # Before the predictions appear: a consumer who sees them finds these too.
+            metrics = merge_metrics(metric_sums)
             table = metrics_table({"scored": metrics})
             if metadata is not None:
                 table = with_metadata(table, metadata)
             written_metrics = write_table_atomic(table, metrics_path(output))
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(output.parent)
     mean = probability_sum / n_rows if n_rows else math.nan
     return ScoreResult(
         output=output,

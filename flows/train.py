@@ -2,6 +2,7 @@
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 from flows.artifacts import (
     COST_CURVE_FILE,
     cost_curve_png,
+    publish_history,
     publish_run_artifacts,
     start_importing_matplotlib,
     training_progress,
@@ -26,8 +28,16 @@ from flows.backends import TrainingData, open_training_data, plan_run
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
 from flows.errors import DataError, DivergedError, LrflowError
-from flows.outputs import metrics_rows, write_run_outputs
+from flows.outputs import metrics_rows, raw_scale_parameters, run_output_files
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
+from flows.store import (
+    Candidate,
+    StoredRun,
+    check_store,
+    commit_run,
+    read_history,
+    summary_line,
+)
 from flows.threads import available_cores, kernel_threads
 from lr_kernel import FitResult, LossFunction, fit_loss
 from lr_kernel.metrics import HeldOutCost
@@ -66,6 +76,10 @@ class TrainSummary(BaseModel):
     # (column, role, detail) of every column, and the warnings about the data.
     columns: list[list[str]] = []
     warnings: list[str] = []
+    # The model store: this run's directory, whether latest.json now names it, and why.
+    run: str | None = None
+    promoted: bool | None = None
+    promotion: str | None = None
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -228,28 +242,46 @@ def write_outputs(
     metrics: dict[str, dict[str, float]] | None = None,
     search: SearchResult | None = None,
     search_config: TrainConfig | None = None,
-) -> list[Path]:
+) -> StoredRun:
+    run_id = str(flow_run.id or uuid.uuid4())
     extra: dict[str, bytes | pa.Table] = {COST_CURVE_FILE: cost_curve_png(result.cost_history)}
     if search is not None:  # the search's files join the same output set
-        extra |= search_tables(
-            search, search_config or config, started_at=started_at, run_id=flow_run.id
-        )
-    return write_run_outputs(
-        Path(config.output),
+        search_config = search_config or config
+        extra |= search_tables(search, search_config, started_at=started_at, run_id=run_id)
+    files = run_output_files(
         data,
         result,
         config,
         started_at=started_at,
-        run_id=flow_run.id,
+        run_id=run_id,
         validation_cost=validation_cost,
         metrics=metrics,
         extra_files=extra,
+    )
+    plan = data.plan
+    mean, scale = plan.term_mean_scale()
+    w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
+    mapping = plan.label_mapping
+    return commit_run(
+        Path(config.output),
+        files,
+        run_id=run_id,
+        started_at=started_at,
+        data_fingerprint=data.fingerprint,
+        n_examples=data.n_examples,
+        challenger=Candidate(
+            plan.terms, w_raw, b_raw, plan.label, mapping.negative, mapping.positive
+        ),
+        rows=data.validation_rows(),
+        promote=config.promote,
+        tolerance=config.promote_tolerance,
+        keep_runs=config.keep_runs,
     )
 
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def publish_artifacts(
-    data: TrainingData, result: FitResult, config: TrainConfig, files: list[Path], seconds: float
+    data: TrainingData, result: FitResult, config: TrainConfig, stored: StoredRun, seconds: float
 ) -> None:
     publish_run_artifacts(
         config=config,
@@ -260,11 +292,13 @@ def publish_artifacts(
         n_iterations=result.n_iterations,
         stop_reason=result.stop_reason,
         seconds=seconds,
-        outputs=files,
+        outputs=list(stored.files),
         n_validation=data.n_validation,
         columns=data.plan.describe(),
         notes=data.plan.warnings,
+        promotion=stored.comparison.rows(),
     )
+    publish_history(read_history(stored.store))
 
 
 @task(name="search", cache_policy=NO_CACHE)
@@ -287,6 +321,7 @@ def train(config: TrainConfig) -> TrainSummary:
     """Train logistic regression on Parquet data and write params, cost history and metrics."""
     logger = get_run_logger()
     logger.info("config: %s", config.model_dump_json())
+    check_store(Path(config.output))
     start_importing_matplotlib()  # for cost_history.png, overlapping the work below
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
@@ -330,19 +365,20 @@ def train(config: TrainConfig) -> TrainSummary:
             result.cost_history[-1],
         )
         metrics = evaluate_model(data, result)
-        files = write_outputs(
+        stored = write_outputs(
             data, result, written_config, started_at, validation_cost, metrics, search, config
         )
+        logger.info(summary_line(stored))
     finally:
         data.close()  # stop a Dask cluster, drop a stream cache if asked
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
-    publish_artifacts(data, result, written_config, files, time.perf_counter() - clock)
+    publish_artifacts(data, result, written_config, stored, time.perf_counter() - clock)
     publish_metrics(metrics, "train-metrics")
     if search is not None:
         publish_search(search)
     return TrainSummary(
         output=config.output,
-        files=[str(p) for p in files],
+        files=[str(p) for p in stored.files],
         n_examples=data.n_examples,
         n_features=plan.n_terms,
         n_iterations=result.n_iterations,
@@ -354,6 +390,9 @@ def train(config: TrainConfig) -> TrainSummary:
         warnings=list(plan.warnings),
         metrics=metrics,
         selected=None if search is None else search.summary(config),
+        run=str(stored.run_dir),
+        promoted=stored.comparison.promoted,
+        promotion=stored.comparison.reason,
     )
 
 

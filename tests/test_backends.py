@@ -14,6 +14,7 @@ from flows.backends import (
 from flows.config import TrainConfig
 from flows.errors import DataError
 from flows.features import Summary, choose_columns, summarize
+from flows.store import latest
 from lr_kernel import FusedLoss, fit, fit_loss
 from tests.conftest import load_memory, memory_config
 
@@ -302,18 +303,17 @@ def test_cli_backends_write_the_in_memory_params(prefect_api, parts, tmp_path, b
     flags = ["--backend", backend, "--memory-budget", "50kB", "--cache-dir", tmp_path / "cache"]
     flags += ["--cleanup-cache"] if backend == "stream" else ["--dask-workers", "2"]
     assert run_cli(*common, "--output", tmp_path / backend, *flags) == 0
-    expected = pl.read_parquet(tmp_path / "memory" / "params.parquet")
-    got = pl.read_parquet(tmp_path / backend / "params.parquet")
+    run = {d: latest(tmp_path / d) for d in ("memory", backend)}  # the stores' promoted runs
+    expected = pl.read_parquet(run["memory"] / "params.parquet")
+    got = pl.read_parquet(run[backend] / "params.parquet")
     assert got["term"].to_list() == expected["term"].to_list()
     np.testing.assert_allclose(got["estimate"], expected["estimate"], rtol=RTOL)
-    costs = [pl.read_parquet(tmp_path / d / "cost_history.parquet") for d in ("memory", backend)]
+    costs = [pl.read_parquet(run[d] / "cost_history.parquet") for d in ("memory", backend)]
     np.testing.assert_allclose(costs[1]["cost"], costs[0]["cost"], rtol=RTOL)
     metrics = [
         {
             (split, metric): value
-            for split, metric, value in pl.read_parquet(
-                tmp_path / d / "metrics.parquet"
-            ).iter_rows()
+            for split, metric, value in pl.read_parquet(run[d] / "metrics.parquet").iter_rows()
         }
         for d in ("memory", backend)
     ]

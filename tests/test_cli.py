@@ -13,6 +13,7 @@ import pytest
 from flows.cli import main
 from flows.dataset import held_out
 from flows.outputs import read_metadata
+from flows.store import latest
 from tests.conftest import real_binary_dataset, write_parquet
 
 OUTPUT_FILES = [
@@ -61,18 +62,20 @@ def test_train_writes_the_contracted_outputs(prefect_api, sample_file, tmp_path,
         "--exclude", "id",
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
-    params = pl.read_parquet(out / "params.parquet")
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json", "runs", "runs.parquet"]
+    run = latest(out)
+    assert sorted(p.name for p in run.iterdir()) == OUTPUT_FILES
+    params = pl.read_parquet(run / "params.parquet")
     assert params.columns == ["term", "estimate"]
     assert params["term"].to_list() == ["x1", "x2", "(Intercept)"]
-    history = pl.read_parquet(out / "cost_history.parquet")
+    history = pl.read_parquet(run / "cost_history.parquet")
     assert history["iteration"].to_list() == list(range(history.height))
     assert history["cost"][0] == pytest.approx(np.log(2))
     assert np.all(np.diff(history["cost"].to_numpy()) <= 1e-15)  # stable step: never rises
-    metrics = pl.read_parquet(out / "metrics.parquet")
+    metrics = pl.read_parquet(run / "metrics.parquet")
     assert {"log_loss", "accuracy"} <= set(metrics["metric"].to_list())
     assert metrics.filter(pl.col("metric") == "weighted")["value"].to_list() == [0.0, 0.0]
-    meta = read_metadata(out / "params.parquet")
+    meta = read_metadata(run / "params.parquet")
     assert meta["format_version"] == 2
     assert meta["features"] == meta["columns"] == ["x1", "x2"]
     assert meta["feature_plan"]["terms"] == ["x1", "x2"]
@@ -125,14 +128,14 @@ def test_parameters_match_scikit_learn_on_real_data(
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
     raw = np.column_stack(list(columns.values()))  # (m, n)
-    meta = read_metadata(out / "params.parquet")
+    meta = read_metadata(latest(out) / "params.parquet")
     positive = meta["label_mapping"]["positive"]
     y = (label == positive).astype(int)
     scaler = StandardScaler().fit(raw)
     oracle = LogisticRegression(C=1 / l2, tol=1e-12, max_iter=100_000)
     oracle.fit(scaler.transform(raw), y)
     expected = oracle.predict_proba(scaler.transform(raw))[:, 1]
-    estimate = pl.read_parquet(out / "params.parquet")["estimate"].to_numpy()
+    estimate = pl.read_parquet(latest(out) / "params.parquet")["estimate"].to_numpy()
     ours = 1 / (1 + np.exp(-(raw @ estimate[:-1] + estimate[-1])))  # raw scale, no state
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
@@ -146,8 +149,8 @@ def test_both_kernel_engines_train_the_same_model(prefect_api, sample_file, tmp_
             "--threads", "2", "--engine", engine,
         )  # fmt: skip
         assert status == 0, capsys.readouterr().err
-        assert read_metadata(out / "params.parquet")["config"]["engine"] == engine
-        estimates[engine] = pl.read_parquet(out / "params.parquet")["estimate"].to_numpy()
+        assert read_metadata(latest(out) / "params.parquet")["config"]["engine"] == engine
+        estimates[engine] = pl.read_parquet(latest(out) / "params.parquet")["estimate"].to_numpy()
     np.testing.assert_allclose(estimates["numba"], estimates["numpy"], rtol=1e-9, atol=1e-12)
 
 
@@ -225,6 +228,6 @@ def test_divergence_fails_the_run_and_writes_nothing(prefect_api, tmp_path, caps
 def test_params_parquet_is_readable_by_pyarrow_alone(prefect_api, sample_file, tmp_path):
     out = tmp_path / "out"
     assert run_cli("train", "--data", sample_file, "--output", out, "--iterations", "20") == 0
-    table = pq.read_table(out / "params.parquet")
+    table = pq.read_table(latest(out) / "params.parquet")
     assert table.schema.field("estimate").type == "double"
     assert b"lrflow" in table.schema.metadata

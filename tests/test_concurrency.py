@@ -1,4 +1,4 @@
-"""Concurrent `lrflow train` processes: shared or own Prefect servers, one output directory."""
+"""Concurrent `lrflow train` processes: shared or own Prefect servers, one model store."""
 
 import os
 import signal
@@ -15,6 +15,7 @@ import pytest
 from flows.dataset import held_out
 from flows.locks import exclusive_lock
 from flows.outputs import STAGING_PREFIX, read_metadata, verify_output_set
+from flows.store import RUNS_DIR, latest, read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 # The sample's 40 rows that the default split (20%, seed 0) holds out.
@@ -46,7 +47,21 @@ def _run_all(runs, sample_file) -> None:
         assert f"trained on {40 - N_HELD_OUT} examples" in stdout  # less the validation split
 
 
-def _assert_one_complete_set(out: Path, possible_iterations: set[int]) -> None:
+def _assert_every_run_in_the_store(store: Path, iterations: set[int]) -> None:
+    """Each concurrent run has its complete set and its row; latest.json names one of them."""
+    history = read_history(store)
+    assert history.num_rows == len(iterations)
+    runs = sorted(p.name for p in (store / RUNS_DIR).iterdir())
+    assert sorted(history.column("run").to_pylist()) == runs
+    assert sum(history.column("promoted").to_pylist()) >= 1  # the first of them, at least
+    found = set()
+    for name in runs:
+        found |= _assert_one_complete_set(store / RUNS_DIR / name, iterations)
+    assert found == iterations
+    assert latest(store).name in runs
+
+
+def _assert_one_complete_set(out: Path, possible_iterations: set[int]) -> set[int]:
     manifest = verify_output_set(out)
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
     iterations = set()
@@ -58,7 +73,8 @@ def _assert_one_complete_set(out: Path, possible_iterations: set[int]) -> None:
         assert meta["run_id"] == manifest.run_id  # every file from the same run
         iterations.add(meta["config"]["iterations"])
     assert len(iterations) == 1 and iterations <= possible_iterations
-    assert pl.read_parquet(out / "cost_history.parquet").height == iterations.pop() + 1
+    assert pl.read_parquet(out / "cost_history.parquet").height == next(iter(iterations)) + 1
+    return iterations
 
 
 def test_four_runs_on_one_server_three_into_one_directory(prefect_api, sample_file, tmp_path):
@@ -67,8 +83,8 @@ def test_four_runs_on_one_server_three_into_one_directory(prefect_api, sample_fi
     env = _base_env() | {"PREFECT_API_URL": PREFECT_API_URL.value()}
     same, own = tmp_path / "same", tmp_path / "own"
     _run_all([(env, same, 30), (env, own, 40), (env, same, 50), (env, same, 60)], sample_file)
-    _assert_one_complete_set(same, {30, 50, 60})
-    _assert_one_complete_set(own, {40})
+    _assert_every_run_in_the_store(same, {30, 50, 60})
+    _assert_every_run_in_the_store(own, {40})
 
 
 @pytest.mark.slow
@@ -83,8 +99,8 @@ def test_four_runs_with_their_own_ephemeral_servers_on_a_fresh_database(sample_f
     env = _base_env() | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     same, own = tmp_path / "same", tmp_path / "own"
     _run_all([(env, same, 30), (env, own, 40), (env, same, 50), (env, same, 60)], sample_file)
-    _assert_one_complete_set(same, {30, 50, 60})
-    _assert_one_complete_set(own, {40})
+    _assert_every_run_in_the_store(same, {30, 50, 60})
+    _assert_every_run_in_the_store(own, {40})
 
 
 HOLDER = textwrap.dedent(

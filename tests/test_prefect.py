@@ -18,6 +18,7 @@ from flows.artifacts import ProgressThrottle, cost_curve_png, output_link_key, r
 from flows.config import ScoreConfig, TrainConfig
 from flows.errors import DataError
 from flows.serve import train_deployment
+from flows.store import latest, read_latest
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = ROOT / "prefect.yaml"
@@ -186,13 +187,15 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
     config = TrainConfig(data=str(sample_file), output=str(out), iterations=300, exclude=["id"])
     state = train(config, return_state=True)
     summary = state.result()
+    store, out = out, latest(out)  # the run's directory in the store
+    assert summary.run == str(out) and summary.promoted
     found = _artifacts_of(state.state_details.flow_run_id)
     outputs = [
         "params.parquet", "cost_history.parquet", "metrics.parquet", "cost_history.png", "_SUCCESS",
     ]  # fmt: skip
     assert set(found) == {
         "train-progress", "train-parameters", "train-report", "train-cost-curve", "train-metrics",
-        *(output_link_key(Path(name)) for name in outputs),
+        "train-history", *(output_link_key(Path(name)) for name in outputs),
     }  # fmt: skip
 
     assert found["train-progress"].type == "progress"
@@ -220,6 +223,12 @@ def test_a_train_run_publishes_its_artifacts(prefect_api, sample_file, tmp_path)
         and "2: x1, x2" in report
     )
     assert "| train | accuracy |" in report and str(out / "metrics.parquet") in report
+    assert "## Promotion" in report and "| reason | promoted: no current model |" in report
+
+    history = found["train-history"].data
+    assert found["train-history"].type == "markdown"
+    assert f"| {out.name} | {read_latest(store).run_id} |" in history
+    assert "(data:image/png;base64," in history
 
     curve = found["train-cost-curve"].data
     encoded = re.search(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", curve)
@@ -272,11 +281,13 @@ def test_prefect_deploy_all_creates_the_scheduled_deployment(prefect_api):
         TrainConfig.model_validate(deployment.parameters["config"])
         scoring = client.read_deployment_by_name("score/nightly")
         assert scoring.global_concurrency_limit.limit == 1
-        [schedule] = scoring.schedules
-        assert (schedule.schedule.cron, schedule.schedule.timezone) == (
-            "30 3 * * *",
-            "Europe/Berlin",
-        )
+        assert scoring.schedules == []  # it follows training instead: one automation
+        [automation] = client.read_resource_related_automations(f"prefect.deployment.{scoring.id}")
+        trigger = automation.trigger
+        assert trigger.expect == {"prefect.flow-run.Completed"}
+        related = [dict(spec.items()) for spec in trigger.match_related]
+        assert {"prefect.resource.role": ["flow"], "prefect.resource.name": ["train"]} in related
+        assert [action.deployment_id for action in automation.actions] == [scoring.id]
         ScoreConfig.model_validate(scoring.parameters["config"])
         # The server checks a run's parameters against the flow's schema (what the UI
         # and `prefect deployment run` go through) before any run is created.

@@ -35,6 +35,7 @@ from flows.outputs import (
     verify_output_set,
     write_output_set,
 )
+from flows.store import latest
 from lr_kernel import fit, loss_and_gradients
 from lr_kernel.stepsize import gram_largest_eigenvalue, stable_learning_rate
 from tests.conftest import load, load_memory, memory_config
@@ -342,10 +343,11 @@ class Crash(BaseException):
     """Stands in for the process dying: nothing after it runs."""
 
 
-# os.replace calls of one write: the staged manifest into place (the set is then
-# complete), then the commit: three data files and the manifest.
+# os.replace calls of one write: each staged file into place (flows.durable), the
+# staged manifest last (the set is then complete), then the commit: three data files
+# and the manifest.
 @pytest.mark.parametrize(
-    ("crash_at", "survivor"), [(1, "old"), (2, "new"), (3, "new"), (4, "new"), (5, "new")]
+    ("crash_at", "survivor"), [(k, "old") for k in range(1, 5)] + [(k, "new") for k in range(5, 9)]
 )
 def test_a_crash_at_every_rename_leaves_one_whole_set(tmp_path, monkeypatch, crash_at, survivor):
     out = tmp_path / "out"
@@ -538,6 +540,7 @@ def test_divergence_names_a_stable_rate_that_then_trains(tmp_path):
 def test_learning_rate_auto_runs_and_records_the_number(prefect_api, sample_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli("train", "--data", sample_file, "--output", out, "--learning-rate", "auto") == 0
+    out = latest(out)  # the run's directory in the store
     meta = read_metadata(out / "params.parquet")
     dataset = load(sample_file, validation_fraction=0.2)  # the CLI's default
     # 1/L of the training rows: L the exact largest eigenvalue of the Hessian at zero.

@@ -12,6 +12,7 @@ from flows.errors import DataError
 from flows.features import Feature, FeaturePlan, LabelMapping
 from flows.outputs import params_table, read_metadata, with_metadata, write_table_atomic
 from flows.scoring import load_model, plan_scoring, score_to_parquet
+from flows.store import latest
 from tests.conftest import real_binary_dataset, write_parquet
 from tests.test_cli import run_cli
 
@@ -194,7 +195,9 @@ def test_held_out_scores_and_metrics_match_scikit_learn(prefect_api, tmp_path, d
     scaler = StandardScaler().fit(X_train)
     oracle = LogisticRegression(C=1 / l2, tol=1e-12, max_iter=100_000)
     oracle.fit(scaler.transform(X_train), y_train)
-    mapping = read_metadata(tmp_path / "model" / "params.parquet")["label_mapping"]
+    run = latest(tmp_path / "model")  # the store's promoted run
+    assert read_metadata(tmp_path / "scores.parquet")["model"] == str(run)
+    mapping = read_metadata(run / "params.parquet")["label_mapping"]
     positive, negative = mapping["positive"], mapping["negative"]
     expected = oracle.predict_proba(scaler.transform(X_test))[
         :, list(oracle.classes_).index(positive)
@@ -205,7 +208,7 @@ def test_held_out_scores_and_metrics_match_scikit_learn(prefect_api, tmp_path, d
     np.testing.assert_allclose(p, expected, atol=1e-4)
     assert scores["prediction"].to_list() == np.where(p >= 0.5, positive, negative).tolist()
 
-    table = pl.read_parquet(tmp_path / "model" / "metrics.parquet")
+    table = pl.read_parquet(run / "metrics.parquet")
     ours = dict(table.filter(pl.col("split") == "validation").select("metric", "value").iter_rows())
     y = (y_test == positive).astype(int)
     predicted = (p >= 0.5).astype(int)
@@ -221,5 +224,5 @@ def test_held_out_scores_and_metrics_match_scikit_learn(prefect_api, tmp_path, d
     }
     for name, value in reference.items():
         assert ours[name] == pytest.approx(value, abs=1e-9), name
-    history = pl.read_parquet(tmp_path / "model" / "cost_history.parquet")
+    history = pl.read_parquet(run / "cost_history.parquet")
     assert history["validation_cost"][-1] == pytest.approx(ours["log_loss"], rel=1e-12)

@@ -14,6 +14,7 @@ from flows.search import (
     search_cost_history_table,
     search_table,
 )
+from flows.store import latest
 from lr_kernel import fit
 from tests.conftest import load, write_parquet
 from tests.test_cli import OUTPUT_FILES, run_cli
@@ -84,6 +85,7 @@ def test_cli_search_writes_the_chosen_model_and_the_search(prefect_api, tmp_path
     )  # fmt: skip
     captured = capsys.readouterr()
     assert status == 0, captured.err
+    out = latest(out)  # the run's directory in the store
     assert sorted(p.name for p in out.iterdir()) == SEARCH_FILES
     assert "of 6 candidates" in captured.out
     search = pl.read_parquet(out / "search.parquet")
@@ -112,6 +114,7 @@ def test_one_value_lists_are_the_plain_run(prefect_api, tmp_path, sample_file):
     for name, l2 in (("plain", "0.1"), ("list", "0.1,")):
         outs[name] = tmp_path / name
         assert run_cli("train", "--data", sample_file, "--output", outs[name], "--l2", l2) == 0
+    outs = {name: latest(store) for name, store in outs.items()}
     assert sorted(p.name for p in outs["list"].iterdir()) == OUTPUT_FILES
     for name in OUTPUT_FILES:
         if name.endswith(".parquet"):

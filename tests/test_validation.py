@@ -11,6 +11,7 @@ from flows.config import TrainConfig
 from flows.dataset import held_out
 from flows.errors import DataError
 from flows.outputs import read_metadata
+from flows.store import latest
 from tests.conftest import load, write_parquet
 from tests.test_cli import run_cli
 
@@ -170,6 +171,7 @@ def test_train_reports_both_splits_and_a_sparse_validation_cost(prefect_api, tmp
         "--validation-fraction", 0.25, "--seed", 5, "--validation-every", 10,
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
+    out = latest(out)  # the run's directory in the store
     metrics = pl.read_parquet(out / "metrics.parquet")
     names = ["log_loss", "accuracy", "precision", "recall", "f1", "roc_auc"]
     names += ["n_examples", "positive_rate", "weighted"]
@@ -191,6 +193,7 @@ def test_fraction_zero_disables_validation(prefect_api, tmp_path, capsys):
     path = write_parquet(tmp_path / "d.parquet", _labelled(60))
     out = tmp_path / "out"
     assert run_cli("train", "--data", path, "--output", out, "--validation-fraction", 0) == 0
+    out = latest(out)
     assert pl.read_parquet(out / "metrics.parquet")["split"].unique().to_list() == ["train"]
     assert pl.read_parquet(out / "cost_history.parquet")["validation_cost"].null_count() > 0
     assert read_metadata(out / "params.parquet")["validation"] is None

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from flows.config import TrainConfig
 from flows.dataset import InputPlan, count_rows
 from flows.errors import LrflowError
 from flows.features import FeaturePlan
+
+if TYPE_CHECKING:
+    from flows.store import ValidationRows
 from lr_kernel import GridFitResult, LossFunction, Optimizer
 from lr_kernel.loss import SecondOrderLoss, hessian_from_sums, loss_from_sums
 
@@ -109,6 +112,11 @@ class TrainingData(Protocol):
 
     def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
         """The kernel's threads and engine for this data (``auto`` resolved where it can be)."""
+        ...
+
+    def validation_rows(self) -> "ValidationRows | None":
+        """The held-out rows on the raw scale, for comparing models in the store (None when
+        there are none, or they are not held in this process)."""
         ...
 
     def close(self) -> None:
@@ -304,6 +312,9 @@ class PiecewiseData:
 
     def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
         return threads, "auto"  # one loss per chunk or shard, each choosing its engine
+
+    def validation_rows(self) -> "ValidationRows | None":
+        return None  # the held-out rows are on disk or on the workers, not here
 
 
 def plan_run(config: TrainConfig) -> tuple[InputPlan, InputPlan | None]:

@@ -3,7 +3,7 @@
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from flows.features import FeaturePlan, PlanSettings
 from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
 from lr_kernel.loss import resolve_engine
 from lr_kernel.metrics import binary_metrics
+
+if TYPE_CHECKING:
+    from flows.store import ValidationRows
 
 
 def weighted(weight: np.ndarray | None) -> dict[str, Any]:
@@ -96,6 +99,18 @@ class MemoryData:
         if m <= default_block_size(n, self.train.X.dtype):
             threads = 1  # one block of examples: nothing to share between threads
         return threads, resolve_engine(engine, self.train.X, threads)
+
+    def validation_rows(self) -> "ValidationRows | None":
+        from flows.store import raw_validation_rows
+
+        if self.held_out is None:
+            return None
+        plan, mapping = self.plan, self.plan.label_mapping
+        mean, scale = plan.term_mean_scale()
+        return raw_validation_rows(
+            plan.terms, self.held_out.X, self.held_out.Y, mean, scale,
+            plan.label, mapping.negative, mapping.positive,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Nothing to release: the arrays go with the object."""

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from flows import durable
 from flows.backends import PartialSums, PiecewiseData
 from flows.backends.partial_metrics import piece_sums
 from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
@@ -144,7 +144,7 @@ def _build_cache(
     target = np.dtype(prep.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Built in a hidden sibling, then renamed whole: a reader sees all of it or none.
-    building = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    building = durable.temporary_name(path)
     building.mkdir()
     try:
         handles, offsets = {}, {}
@@ -190,9 +190,9 @@ def _build_cache(
             "n_examples": {PARTS[part]: m for part, m in sizes.items()},
             "weight_sums": {PARTS[part]: total for part, total in weight_sums.items()},
         }
-        (building / "meta.json").write_text(json.dumps(meta, default=str))
+        durable.write_bytes(building / "meta.json", json.dumps(meta, default=str).encode())
         try:
-            os.rename(building, path)
+            durable.rename(building, path)
         except OSError:
             if not (path / "meta.json").is_file():  # not a concurrent run's identical cache
                 raise
