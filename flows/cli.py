@@ -222,16 +222,16 @@ def train(
         keep_runs=keep_runs,
     )
     # Every input check runs before Prefect (seconds to start) is even imported:
-    # paths, schemas and columns from the footers, then the values in one streamed
-    # aggregate query that holds no data. The flow repeats them for scheduled runs.
+    # paths, schemas and columns from the footers, then the values, then the store.
+    # The flow repeats them for scheduled runs.
     plan, _ = plan_run(config)
     _check_output(config.output)
-    check_store(Path(config.output))
     # Data that fits in memory is small enough to check in full first: the same
     # bounded first pass the run makes. Out-of-core and Dask runs make theirs
     # inside the flow instead (a pass over data of that size is the run's job).
     if resolve_backend(config, plan) == "memory":
         check_values(config)
+    check_store(Path(config.output))
 
     # A batch job has no business phoning home; an explicit setting still wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
