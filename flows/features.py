@@ -526,9 +526,10 @@ class FeaturePlan:
         rows = [(self.label, "label", f"{mapping.negative!r} -> 0, {mapping.positive!r} -> 1")]
         for f in self.features:
             if f.kind == "categorical":
+                n = len(f.terms)
                 detail = (
                     f"categorical, {len(f.levels)} levels, reference {f.levels[0]!r}, "
-                    f"{len(f.terms)} terms"
+                    f"{n} term{'' if n == 1 else 's'}"
                 )
             elif f.kind == "boolean":
                 detail = "boolean, one 0/1 term"
