@@ -290,6 +290,19 @@ def _metadata(path: Path) -> pq.FileMetaData:
         ) from None
 
 
+def check_convertible(schema: pa.Schema, columns: Sequence[str], path: Path) -> None:
+    """Refuse columns that Polars cannot take from Arrow: it panics on them (a multi-line
+    Rust message, not an exception), so they are found from the footer instead."""
+    for field in schema:
+        if field.name in columns and pa.types.is_decimal(field.type) and field.type.precision > 38:
+            raise DataError(
+                f"cannot read data (decimal precision {field.type.precision} "
+                "is above the 38 digits Polars holds)",
+                path=path,
+                column=field.name,
+            )
+
+
 def iter_batches(
     piece: Piece, columns: Sequence[str], batch_rows: int
 ) -> Iterator[tuple[int, pl.DataFrame]]:
@@ -297,16 +310,7 @@ def iter_batches(
     position = piece.first_row
     try:
         parquet = pq.ParquetFile(piece.path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-        for field in parquet.schema_arrow:
-            # Polars panics (a multi-line Rust message, not an exception) converting these.
-            if field.name in columns and pa.types.is_decimal(field.type):
-                if field.type.precision > 38:
-                    raise DataError(
-                        f"cannot read data (decimal precision {field.type.precision} "
-                        "is above the 38 digits Polars holds)",
-                        path=piece.path,
-                        column=field.name,
-                    )
+        check_convertible(parquet.schema_arrow, columns, piece.path)
         for batch in parquet.iter_batches(
             batch_size=batch_rows,
             row_groups=None if piece.row_groups is None else list(piece.row_groups),

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from flows import durable
 from flows.backends.partial_metrics import merge_metrics, piece_sums
 from flows.config import ScoreConfig
-from flows.dataset import common_schema, resolve_files
+from flows.dataset import check_convertible, common_schema, resolve_files
 from flows.errors import DataError
 from flows.features import (
     Feature,
@@ -236,6 +236,7 @@ def plan_scoring(model: Model, data: str | Path, unseen: UnseenPolicy = "referen
         metadata = pq.read_metadata(path)
         n_rows += metadata.num_rows
         arrow_schema = arrow_schema or metadata.schema.to_arrow_schema()
+        check_convertible(metadata.schema.to_arrow_schema(), model.features, path)
         if model.plan.missing == "error":
             _check_footer_nulls(path, metadata, model.features)
     assert arrow_schema is not None  # resolve_files never returns no files

@@ -372,3 +372,23 @@ def test_help_is_readable_at_80_columns():
     assert max(len(line) for line in out.splitlines()) <= 80
     for flag in ("--validation-fraction", "--missing", "--class-weight", "--max-levels"):
         assert flag in out
+
+
+def test_scoring_refuses_a_decimal_polars_cannot_hold_from_the_footer(tmp_path):
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.scoring import load_model, plan_scoring
+
+    model_dir = trained_model_dir(tmp_path, raw_table(600, seed=8))
+    batch = raw_table(5, seed=9).drop("weight", "churned").to_arrow()
+    wide = pa.array([decimal.Decimal("2.50")] * 5, type=pa.decimal256(76, 2))
+    batch = batch.set_column(batch.schema.get_field_index("income"), "income", wide)
+    path = tmp_path / "wide.parquet"
+    pq.write_table(batch, path)
+    with pytest.raises(
+        DataError, match=r"column 'income': cannot read data \(decimal precision 76"
+    ):
+        plan_scoring(load_model(model_dir), path)
