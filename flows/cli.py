@@ -1,4 +1,8 @@
-"""The `lrflow` command line: validates everything cheap, then runs the Prefect flows."""
+"""The `lrflow` command line: validates everything cheap, then runs the Prefect flows.
+
+Each command imports what it needs when it runs (Polars, NumPy, Prefect are
+seconds together), so `lrflow --help` and `lrflow server status` answer at once.
+"""
 
 import math
 import os
@@ -9,15 +13,6 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flows.backends import resolve_backend
-from flows.config import ScoreConfig, TrainConfig
-from flows.dataset import (
-    check_held_out_labels,
-    check_output_location,
-    plan_inputs,
-    scan,
-    validate_values,
-)
 from flows.errors import DataError, LrflowError, one_line
 
 app = typer.Typer(
@@ -30,6 +25,7 @@ app = typer.Typer(
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_NOT_RUNNING = 3  # `lrflow server status`, as systemctl and LSB init scripts
 
 
 @app.callback()
@@ -145,6 +141,16 @@ def train(
     dask_workers: Annotated[int, typer.Option(help="Workers of the LocalCluster.")] = 2,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
+    from flows.backends import resolve_backend
+    from flows.config import TrainConfig
+    from flows.dataset import (
+        check_held_out_labels,
+        check_output_location,
+        plan_inputs,
+        scan,
+        validate_values,
+    )
+
     config = TrainConfig(
         data=data,
         output=output,
@@ -198,11 +204,12 @@ def train(
     # Concurrent runs start their servers one at a time (flows.locks); the wait for
     # the lock is not counted, but a busy machine can still need more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.server import connect
+
+    connect()  # before Prefect is imported: it reads PREFECT_API_URL then
     from flows.artifacts import progress_listener
-    from flows.locks import start_ephemeral_prefect_server
     from flows.train import train as train_flow
 
-    start_ephemeral_prefect_server()
     bar = LongRunProgressBar()
     token = progress_listener.set(bar)
     try:
@@ -250,6 +257,9 @@ def serve(
 
     spec = train_deployment(Path(file), deployment)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.server import use_running_server
+
+    use_running_server()
     from prefect.schedules import Cron
 
     from flows.train import train as train_flow
@@ -319,6 +329,8 @@ def score(
     ] = 0.5,
 ) -> None:
     """Score Parquet data with a trained model; write keys, probability and prediction."""
+    from flows.config import ScoreConfig
+
     config = ScoreConfig(model=model, data=data, output=output, threshold=threshold)
     # The same rule as train: every check that needs no pass over the data runs
     # before Prefect starts (the model, the columns and types, footer null counts).
@@ -330,10 +342,10 @@ def score(
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.locks import start_ephemeral_prefect_server
-    from flows.score import score as score_flow
+    from flows.server import connect
 
-    start_ephemeral_prefect_server()
+    connect()
+    from flows.score import score as score_flow
 
     summary = score_flow(config)
     typer.echo(
@@ -341,6 +353,58 @@ def score(
         f"mean probability {summary.mean_probability:.6g}"
     )
     typer.echo(f"wrote {summary.output}")
+
+
+server_app = typer.Typer(
+    help="A local Prefect server kept running for later `lrflow` runs (and its UI).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on; 0: any free one [default: 4200 if free, else any]."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Start a Prefect server in the background; later train/score/serve runs use it.
+
+    Its address and process are recorded in PREFECT_HOME/lrflow-server.json,
+    its log in PREFECT_HOME/lrflow-server.log. Runs with PREFECT_API_URL set
+    use that server instead.
+    """
+    from flows.server import start_server
+
+    state, started = start_server(host=host, port=port)
+    verb = "started" if started else "already running:"
+    typer.echo(f"Prefect server {verb} {state.url} (pid {state.pid}; UI {state.url[:-4]})")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the server `lrflow server start` started."""
+    from flows.server import stop_server
+
+    state = stop_server()
+    typer.echo("no server recorded" if state is None else f"stopped {state.url} (pid {state.pid})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether the recorded server is running (exit status 0) or not (3)."""
+    from flows.server import read_state, running_server
+
+    state = running_server()
+    if state is not None:
+        typer.echo(f"running: {state.url} (pid {state.pid}, log {state.log})")
+        return
+    recorded = read_state()
+    stale = "" if recorded is None else f" ({recorded.url}, pid {recorded.pid}, does not answer)"
+    typer.echo(f"not running{stale}")
+    raise typer.Exit(EXIT_NOT_RUNNING)
 
 
 def _check_output(output: str) -> None:
@@ -360,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on standard error and a non-zero status for any expected failure."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="lrflow", standalone_mode=False)
+        status = command.main(args=argv, prog_name="lrflow", standalone_mode=False)
     except typer.Abort:
         _fail("aborted", EXIT_RUN_FAILED)
     except ValidationError as error:
@@ -380,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
         if callable(getattr(error, "format_message", None)):
             _fail(error.format_message(), EXIT_BAD_INPUT)
         raise
+    # Without standalone mode, a typer.Exit's status comes back as the return value.
+    if isinstance(status, int) and status != 0:
+        sys.exit(status)
 
 
 def _fail(message: str, status: int) -> None:
