@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,16 @@ def _lrflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         [sys.executable, "-m", "flows.cli", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def _api(url: str, path: str, body: dict | None = None) -> Any:
+    """GET (or POST ``body`` to) ``url/path`` of a Prefect API; the decoded JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def test_status_without_a_server_says_so_with_exit_status_3(tmp_path):
@@ -80,8 +92,18 @@ def test_server_start_is_reused_by_train_and_stops(tmp_path, sample_file):
         )
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert HINT not in trained.stderr  # no temporary server was started
-        # The run is on the kept server: its flow run link names that server.
-        assert f"{state.url[: -len('/api')]}/runs/flow-run/" in trained.stderr
+        # The run is on the kept server: its flow run link names that server, and
+        # the server has all of it (the CLI ends without module teardown, after
+        # Prefect has drained its queued states, logs and artifacts).
+        flow_run_id = trained.stderr.split("/runs/flow-run/")[1].split()[0]
+        assert _api(state.url, f"flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
+        of_run = {"any_": [flow_run_id]}
+        task_runs = _api(state.url, "task_runs/filter", {"flow_runs": {"id": of_run}})
+        assert {t["state_type"] for t in task_runs} == {"COMPLETED"} and len(task_runs) == 5
+        logs = _api(state.url, "logs/filter", {"logs": {"flow_run_id": of_run}})
+        assert any(log["message"] == "Finished in state Completed()" for log in logs)
+        artifacts = _api(state.url, "artifacts/filter", {"artifacts": {"flow_run_id": of_run}})
+        assert {"train-report", "train-metrics"} <= {a["key"] for a in artifacts}
     finally:
         stopped = _lrflow(env, "server", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
