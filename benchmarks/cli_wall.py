@@ -12,7 +12,9 @@ round runs, in turn:
 - an empty Prefect flow against the same server (Prefect's own floor);
 - ``lrflow train`` without a server (another ``PREFECT_HOME``): a temporary
   server per run;
-- ``lrflow --help`` and ``lrflow server status`` (how fast the CLI answers).
+- ``lrflow --help`` and ``lrflow server status`` (how fast the CLI answers);
+- with ``--baseline DIR``, another checkout's ``lrflow train`` (given the kept
+  server's address) and ``lrflow --help``: before and after a change, paired.
 
 The table quotes medians and, against the script, the median of the per-round
 ratios. A last section takes one more run with a kept server apart: imports
@@ -132,6 +134,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", default=str(ROOT / "data" / "sample.parquet"))
+    parser.add_argument(
+        "--baseline",
+        help="another checkout of lrflow (e.g. before a change): its `lrflow train` joins the "
+        "rounds, on the same kept server (given as PREFECT_API_URL)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lrflow-cli-wall-"))
     script = work / "script.py"
@@ -158,6 +165,20 @@ def main() -> None:
         "lrflow train, no server (temporary one)": (
             lrflow(*train, str(work / "out-temporary")),
             temporary,
+        ),
+        **(
+            {
+                f"baseline ({args.baseline}) lrflow train, kept server": (
+                    lrflow(*train, str(work / "out-baseline")),
+                    kept_api | {"PYTHONPATH": args.baseline},
+                ),
+                f"baseline ({args.baseline}) lrflow --help": (
+                    lrflow("--help"),
+                    base | {"PYTHONPATH": args.baseline},
+                ),
+            }
+            if args.baseline
+            else {}
         ),
         "lrflow --help": (lrflow("--help"), base),
         "lrflow server status": (lrflow("server", "status"), kept),

@@ -204,15 +204,38 @@ def stop_server() -> ServerState | None:
     return state
 
 
-def use_running_server() -> str | None:
-    """Point this process at the recorded server unless an API URL is set; returns the URL used.
+def configured_api_url() -> str | None:
+    """``PREFECT_API_URL`` from the environment or the active Prefect profile, if set.
 
-    Only ``PREFECT_API_URL`` in the environment is seen here (Prefect is not
-    imported): it must run before Prefect is, since Prefect reads its settings
-    when imported.
+    Read without importing Prefect (seconds): the environment, then the
+    profiles file (``PREFECT_PROFILES_PATH``, default
+    ``PREFECT_HOME/profiles.toml``, where ``prefect config set`` writes) and its
+    profile named by ``PREFECT_PROFILE`` or its ``active`` key.
     """
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or prefect_home() / "profiles.toml")
+    try:
+        import tomllib  # Python 3.11+
+
+        document = tomllib.loads(path.expanduser().read_text())
+    except (ImportError, OSError, ValueError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or document.get("active")
+    profile = document.get("profiles", {}).get(name, {}) if name else {}
+    value = profile.get("PREFECT_API_URL") if isinstance(profile, dict) else None
+    return str(value) if value else None
+
+
+def use_running_server() -> str | None:
+    """Point this process at the recorded server unless an API URL is set; returns the URL used.
+
+    It must run before Prefect is imported: Prefect reads its settings then, so
+    the recorded server's address goes into this process's environment.
+    """
+    configured = configured_api_url()
+    if configured:
+        return configured
     state = running_server()
     if state is None:
         return None

@@ -13,11 +13,13 @@ import pytest
 from flows.server import (
     HINT,
     ServerState,
+    configured_api_url,
     healthy,
     process_alive,
     read_state,
     running_server,
     state_path,
+    use_running_server,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,27 @@ def test_a_dead_record_is_not_a_running_server(tmp_path, monkeypatch):
     assert read_state() == record
     assert running_server() is None
     assert not healthy(record.url, timeout=0.5)  # nothing listens on the discard port
+
+
+def test_a_url_in_the_environment_or_the_active_profile_wins(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert configured_api_url() is None
+    # What `prefect config set PREFECT_API_URL=...` writes, in the active profile only.
+    (home / "profiles.toml").write_text(
+        'active = "team"\n'
+        '[profiles.team]\nPREFECT_API_URL = "http://team.example:4200/api"\n'
+        '[profiles.other]\nPREFECT_API_URL = "http://other.example:4200/api"\n'
+    )
+    assert configured_api_url() == "http://team.example:4200/api"
+    monkeypatch.setenv("PREFECT_PROFILE", "other")
+    assert configured_api_url() == "http://other.example:4200/api"
+    assert use_running_server() == "http://other.example:4200/api"  # no kept server asked
+    monkeypatch.setenv("PREFECT_API_URL", "http://env.example:4200/api")
+    assert use_running_server() == "http://env.example:4200/api"
 
 
 @pytest.mark.slow
