@@ -1,5 +1,10 @@
-"""The `lrflow` command line: validates everything cheap, then runs the Prefect flows."""
+"""The `lrflow` command line: validates everything cheap, then runs the Prefect flows.
 
+Each command imports what it needs when it runs (Polars, NumPy, Prefect are
+seconds together), so `lrflow --help` and `lrflow server status` answer at once.
+"""
+
+import atexit
 import math
 import os
 import sys
@@ -10,10 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flows.backends import check_values, plan_run, resolve_backend
-from flows.config import ScoreConfig, TrainConfig
 from flows.errors import DataError, LrflowError, one_line
-from flows.store import check_store
 
 app = typer.Typer(
     name="lrflow",
@@ -28,6 +30,7 @@ app = typer.Typer(
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_NOT_RUNNING = 3  # `lrflow server status`, as systemctl and LSB init scripts
 
 
 @app.callback()
@@ -185,6 +188,10 @@ def train(
     ] = None,
 ) -> None:
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
+    from flows.backends import check_values, plan_run, resolve_backend
+    from flows.config import TrainConfig
+    from flows.store import check_store
+
     config = TrainConfig(
         data=data,
         output=output,
@@ -238,11 +245,12 @@ def train(
     # Concurrent runs start their servers one at a time (flows.locks); the wait for
     # the lock is not counted, but a busy machine can still need more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.server import connect
+
+    connect()  # before Prefect is imported: it reads PREFECT_API_URL then
     from flows.artifacts import progress_listener
-    from flows.locks import start_ephemeral_prefect_server
     from flows.train import train as train_flow
 
-    start_ephemeral_prefect_server()
     bar = LongRunProgressBar()
     token = progress_listener.set(bar)
     try:
@@ -295,6 +303,9 @@ def serve(
 
     spec = train_deployment(Path(file), deployment)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.server import use_running_server
+
+    use_running_server()
     from prefect.schedules import Cron
 
     from flows.train import train as train_flow
@@ -373,6 +384,8 @@ def score(
     ] = "reference",
 ) -> None:
     """Score Parquet data with a trained model; write keys, probability and prediction."""
+    from flows.config import ScoreConfig
+
     config = ScoreConfig(
         model=model,
         data=data,
@@ -391,10 +404,10 @@ def score(
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.locks import start_ephemeral_prefect_server
-    from flows.score import score as score_flow
+    from flows.server import connect
 
-    start_ephemeral_prefect_server()
+    connect()
+    from flows.score import score as score_flow
 
     summary = score_flow(config)
     typer.echo(
@@ -420,6 +433,58 @@ def score(
         typer.echo(f"wrote {summary.metrics_file}")
 
 
+server_app = typer.Typer(
+    help="A local Prefect server kept running for later `lrflow` runs (and its UI).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on; 0: any free one [default: 4200 if free, else any]."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Start a Prefect server in the background; later train/score/serve runs use it.
+
+    Its address and process are recorded in PREFECT_HOME/lrflow-server.json,
+    its log in PREFECT_HOME/lrflow-server.log. Runs with PREFECT_API_URL set
+    use that server instead.
+    """
+    from flows.server import start_server
+
+    state, started = start_server(host=host, port=port)
+    verb = "started" if started else "already running:"
+    typer.echo(f"Prefect server {verb} {state.url} (pid {state.pid}; UI {state.url[:-4]})")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the server `lrflow server start` started."""
+    from flows.server import stop_server
+
+    state = stop_server()
+    typer.echo("no server recorded" if state is None else f"stopped {state.url} (pid {state.pid})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether the recorded server is running (exit status 0) or not (3)."""
+    from flows.server import read_state, running_server
+
+    state = running_server()
+    if state is not None:
+        typer.echo(f"running: {state.url} (pid {state.pid}, log {state.log})")
+        return
+    recorded = read_state()
+    stale = "" if recorded is None else f" ({recorded.url}, pid {recorded.pid}, does not answer)"
+    typer.echo(f"not running{stale}")
+    raise typer.Exit(EXIT_NOT_RUNNING)
+
+
 def _check_output(output: str) -> None:
     from pathlib import Path
 
@@ -433,11 +498,34 @@ def _check_output(output: str) -> None:
         raise DataError("output directory is not writable", path=parent)
 
 
+class _SkipTeardown:
+    """Ends a command-line process right after its exit handlers, skipping module teardown.
+
+    Registered before anything else, it is the last exit handler to run: by then
+    threads are joined and every other handler has run (Prefect's drain its
+    queued logs and events in both). Tearing down the ~3,000 modules a flow run
+    imports then takes 1-2 s on this project's machine (benchmarks/RESULTS.md),
+    as long as the training itself, and does nothing a finished run needs.
+    """
+
+    def __init__(self) -> None:
+        self.status: int | None = None  # None: a normal exit, with teardown
+
+    def __call__(self) -> None:
+        if self.status is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.status)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on standard error and a non-zero status for any expected failure."""
+    skip_teardown = _SkipTeardown()
+    if argv is None:  # the process's own command line, not a call from Python
+        atexit.register(skip_teardown)
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="lrflow", standalone_mode=False)
+        status = command.main(args=argv, prog_name="lrflow", standalone_mode=False)
     except typer.Abort:
         _fail("aborted", EXIT_RUN_FAILED)
     except ValidationError as error:
@@ -458,6 +546,10 @@ def main(argv: list[str] | None = None) -> None:
         if callable(format_message):
             _fail(format_message(), EXIT_BAD_INPUT)
         raise
+    # Without standalone mode, a typer.Exit's status comes back as the return value.
+    skip_teardown.status = status if isinstance(status, int) else 0
+    if skip_teardown.status != 0:
+        sys.exit(skip_teardown.status)
 
 
 def _fail(message: str, status: int) -> None:
