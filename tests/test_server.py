@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -142,4 +143,4 @@ def test_train_without_a_server_hints_and_uses_a_temporary_one(tmp_path, sample_
     trained = _lrflow(env, "train", "--data", str(sample_file), "--output", str(tmp_path / "out"))
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stderr.splitlines()[0] == HINT
-    assert "trained on 32 examples" in trained.stdout
+    assert re.search(r"trained on \d+ examples", trained.stdout)
