@@ -59,8 +59,14 @@ def lrflow(*args: str) -> list[str]:
 
 
 def timed(command: list[str], env: dict[str, str], check: bool = True) -> float:
+    """Seconds of one run, in the checkout that ``env``'s PYTHONPATH names.
+
+    ``python -m`` puts the working directory first on the module path, so it
+    must be that checkout for the baseline's code to be the one that runs.
+    """
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    cwd = env.get("PYTHONPATH", str(ROOT))
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -196,6 +202,13 @@ def main() -> None:
         timed(lrflow("server", "stop"), kept, check=False)
         shutil.rmtree(work, ignore_errors=True)
     script_times = times["Polars + scikit-learn script"]
+    if args.baseline:  # this checkout against the baseline, paired by round
+        for what in ("lrflow train, kept server", "lrflow --help"):
+            ours, theirs = times[what], times[f"baseline ({args.baseline}) {what}"]
+            ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+            saved = statistics.median(b - a for a, b in zip(ours, theirs, strict=True))
+            print(f"- {what}: this checkout / the baseline, pairwise median {ratio:.2f}x "
+                  f"({saved:+.2f} s saved)")  # fmt: skip
     print(
         f"\n{args.repeats} interleaved rounds, fresh process each\n\n"
         "| command | median s | min s | max s | vs the script: pairwise median |\n"

@@ -242,7 +242,7 @@ def train(
 
     # A batch job has no business phoning home; an explicit setting still wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Concurrent runs start their servers one at a time (flows.locks); the wait for
+    # Concurrent runs start their servers one at a time (flows.server); the wait for
     # the lock is not counted, but a busy machine can still need more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.server import connect

@@ -192,13 +192,24 @@ def _stop_group(pid: int, timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+def _runs_prefect_server(pid: int) -> bool:
+    """Whether process ``pid`` is a `prefect server start` (not a later process given its id)."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # no /proc (not Linux): trust the record
+        return True
+    return b"prefect" in arguments and b"server" in arguments and b"start" in arguments
+
+
 def stop_server() -> ServerState | None:
     """Stop the recorded server and forget it; returns it, or None if none was recorded."""
     home = prefect_home()
     state = read_state(home)
     if state is None:
         return None
-    if process_alive(state.pid):
+    # A record can outlive its server (a reboot, a kill -9) and its id be reused:
+    # signal the process group only if it still is the server.
+    if process_alive(state.pid) and _runs_prefect_server(state.pid):
         _stop_group(state.pid)
     state_path(home).unlink(missing_ok=True)
     return state

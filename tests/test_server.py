@@ -20,6 +20,7 @@ from flows.server import (
     read_state,
     running_server,
     state_path,
+    stop_server,
     use_running_server,
 )
 
@@ -70,6 +71,24 @@ def test_a_dead_record_is_not_a_running_server(tmp_path, monkeypatch):
     assert read_state() == record
     assert running_server() is None
     assert not healthy(record.url, timeout=0.5)  # nothing listens on the discard port
+
+
+def test_stop_forgets_a_record_whose_process_is_no_longer_the_server(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    # The recorded id now belongs to another process, leader of its own group.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True)  # fmt: skip
+    try:
+        record = ServerState(url="http://127.0.0.1:9/api", pid=other.pid, log="x", started_at=0.0)
+        state_path(home).write_text(json.dumps(record.__dict__))
+        assert stop_server() == record
+        assert read_state() is None
+        assert other.poll() is None  # not signalled
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_url_in_the_environment_or_the_active_profile_wins(tmp_path, monkeypatch):
