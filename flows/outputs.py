@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from flows.config import TrainConfig
 from flows.errors import DataError
+from flows.inference import STATISTICS, FitInference
 from flows.locks import exclusive_lock
 from lr_kernel import FitResult
 
@@ -27,7 +28,15 @@ if TYPE_CHECKING:
 INTERCEPT_TERM = "(Intercept)"
 METADATA_KEY = b"lrflow"
 
-PARAMS_SCHEMA = pa.schema([("term", pa.string()), ("estimate", pa.float64())])
+# Estimates and their Wald statistics on the raw feature scale (flows.inference); null
+# where not identified (a dropped aliased term) or not computed (a fit short of the optimum).
+PARAMS_SCHEMA = pa.schema(
+    [
+        ("term", pa.string()),
+        ("estimate", pa.float64()),
+        *((name, pa.float64()) for name in STATISTICS),
+    ]
+)
 COST_HISTORY_SCHEMA = pa.schema(
     [
         ("iteration", pa.int64()),
@@ -63,10 +72,28 @@ def raw_scale_parameters(
     return w_raw, float(b) - float(np.dot(w_raw, mean))
 
 
-def params_table(terms: tuple[str, ...], w_raw: np.ndarray, b_raw: float) -> pa.Table:
-    """One row per term in the plan's order, then the intercept."""
+def params_table(
+    terms: tuple[str, ...],
+    w_raw: np.ndarray,
+    b_raw: float,
+    statistics: Mapping[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """One row per term in the plan's order, then the intercept; NaN is written as null.
+
+    ``statistics`` maps each of ``STATISTICS`` to ``(n_terms + 1,)`` (all null without).
+    """
+    size = len(terms) + 1
+    columns = {"estimate": np.append(np.asarray(w_raw, dtype=np.float64), float(b_raw))}
+    for name in STATISTICS:
+        columns[name] = np.full(size, np.nan) if statistics is None else statistics[name]
     return pa.table(
-        {"term": [*terms, INTERCEPT_TERM], "estimate": [*map(float, w_raw), float(b_raw)]},
+        {
+            "term": [*terms, INTERCEPT_TERM],
+            **{
+                name: pa.array(np.asarray(values, dtype=np.float64), mask=np.isnan(values))
+                for name, values in columns.items()
+            },
+        },
         schema=PARAMS_SCHEMA,
     )
 
@@ -164,6 +191,7 @@ def run_metadata(
     *,
     started_at: datetime,
     run_id: str | None,
+    inference: FitInference | None = None,
 ) -> dict[str, Any]:
     """Everything a consumer needs to trust and reproduce the run (the ``lrflow`` key).
 
@@ -196,6 +224,8 @@ def run_metadata(
             "stop_reason": result.stop_reason,
             "converged": result.converged,
             "final_cost": float(result.cost_history[-1]),
+            "gradient_max": float(result.gradient_norm_history[-1]),
+            **({} if inference is None else inference.metadata),
         },
         "versions": _versions(),
         "started_at": started_at.isoformat(),
@@ -226,22 +256,30 @@ def write_run_outputs(
     validation_cost: np.ndarray | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     extra_files: Mapping[str, bytes | pa.Table] | None = None,
+    inference: FitInference | None = None,
 ) -> list[Path]:
     """Write params, cost history and metrics of a finished fit as one output set.
 
     ``validation_cost`` is ``(n_iterations + 1,)`` with NaN where not evaluated;
     ``metrics`` default to the data's; ``extra_files`` (name -> bytes,
     e.g. the cost curve picture, or tables carrying their own metadata) join the
-    same set. Returns the paths of the files, then of the ``_SUCCESS`` manifest.
+    same set; ``inference`` (:func:`flows.inference.check_fit`) gives the statistics
+    columns and the fit's diagnostics (without it they are null). Returns the paths
+    of the files, then of the ``_SUCCESS`` manifest.
     """
     run_id = run_id or uuid.uuid4().hex
     mean, scale = data.plan.term_mean_scale()
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
+    if inference is not None:
+        w_raw[list(inference.dropped)] = np.nan  # not identified: null, as R records them
     if metrics is None:
         metrics = data.metrics(result.w, result.b)
-    metadata = run_metadata(data, result, config, started_at=started_at, run_id=run_id)
+    metadata = run_metadata(
+        data, result, config, started_at=started_at, run_id=run_id, inference=inference
+    )
+    statistics = None if inference is None else inference.statistics
     tables = {
-        "params.parquet": params_table(data.plan.terms, w_raw, b_raw),
+        "params.parquet": params_table(data.plan.terms, w_raw, b_raw, statistics),
         "cost_history.parquet": cost_history_table(
             result.cost_history, result.gradient_norm_history, validation_cost
         ),
