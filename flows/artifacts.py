@@ -113,6 +113,7 @@ def cost_curve_png(
     cost_history: Sequence[float] | np.ndarray,
     gradient_norm: Sequence[float] | np.ndarray | None = None,
     validation_cost: Sequence[float] | np.ndarray | None = None,
+    tol: float | None = None,
 ) -> bytes:
     """How far each iteration is from the end, on a log axis, and the validation cost beside.
 
@@ -127,6 +128,9 @@ def cost_curve_png(
         ``cost_history[i]`` is the cost before update ``i + 1``.
     gradient_norm : array-like of shape (n_iterations + 1,), optional
     validation_cost : array-like of shape (n_iterations + 1,), optional, NaN where not evaluated
+    tol : float, optional
+        The stop rule's tolerance, drawn as a dashed line: the gradient ends below it
+        exactly when the run converged (``J - J_final`` always falls to 0 at the end).
     """
     # Imported here: matplotlib takes about half a second to import, which only
     # the runs that draw should pay.
@@ -145,10 +149,15 @@ def cost_curve_png(
     if gradient_norm is not None:
         gradient = np.asarray(gradient_norm, dtype=np.float64)
         gap_axes.plot(iteration, gradient, color="#d62728", linewidth=1, label="max |∇J|")
+    title = "J - J_final (log)"
+    if gradient_norm is not None and tol is not None and tol > 0:
+        gap_axes.axhline(tol, color="#d62728", linestyle="--", linewidth=1, label="tol")
+        done = float(gradient[-1]) <= tol
+        title = "converged" if done else f"NOT converged: max |∇J| {gradient[-1]:.2g} > tol"
     if shown.any() or gradient_norm is not None:
         gap_axes.set_yscale("log")
     gap_axes.set_xlabel("iteration")
-    gap_axes.set_title("distance to the end (log)")
+    gap_axes.set_title(title)
     gap_axes.legend(loc="upper right", fontsize="small")
     gap_axes.grid(alpha=0.3)
     cost_axes.plot(iteration, cost, color="#7f7f7f", linewidth=1.5, label="cost J (train)")
