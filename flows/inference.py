@@ -52,6 +52,8 @@ SEPARATION_RTOL = 1e-9
 # (e^10: 22,000 times the odds per standard deviation).
 SEPARATION_COEFFICIENT = 10.0
 INTERCEPT = "(Intercept)"
+# Terms an aliased term depends on that its error names (the rest are counted).
+ALIAS_NAMES_SHOWN = 5
 
 Refit = Callable[["TrainingData", TrainConfig], tuple[FitResult, np.ndarray | None]]
 
@@ -148,8 +150,14 @@ def aliasing_error(
     plan: FeaturePlan, aliased: tuple[int, ...], depends: tuple[tuple[int, ...], ...]
 ) -> DataError:
     """The one-line error for aliased terms: which, on what they depend, the remedies."""
+
+    def names(indices: tuple[int, ...]) -> str:
+        shown = ", ".join(repr(_name(plan, k)) for k in indices[:ALIAS_NAMES_SHOWN])
+        more = len(indices) - ALIAS_NAMES_SHOWN
+        return shown + (f" and {more} more" if more > 0 else "")
+
     parts = [
-        f"{_name(plan, j)!r} = a combination of {', '.join(repr(_name(plan, k)) for k in on)}"
+        f"{_name(plan, j)!r} = a combination of {names(on)}"
         for j, on in zip(aliased, depends, strict=True)
     ]
     columns = sorted({column_of(plan, j) for j in aliased})
