@@ -469,7 +469,7 @@ def check_fit(
             for j, on in zip(aliasing.aliased, aliasing.depends_on, strict=True)
         ],
         "dropped_terms": [_name(plan, j) for j in dropped],
-        "separation": [{k: v for k, v in row.items()} for row in found],
+        "separation": found,
     }
     inference = FitInference(
         statistics=statistics,

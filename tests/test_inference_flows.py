@@ -209,6 +209,30 @@ def test_a_level_that_predicts_the_label_is_named(tmp_path, l2):
     assert all(row["term"] in ("city=rome",) for row in found)
 
 
+def test_the_label_sums_find_the_levels_the_kernels_separation_finds_in_memory(tmp_path):
+    from flows.inference import indicator_terms, separation_findings
+    from lr_kernel.inference import separation
+
+    frame = raw_table(1500, seed=11).with_columns(
+        churned=pl.when(pl.col("tier") == "gold").then(pl.lit("no")).otherwise(pl.col("churned"))
+    )
+    path = tmp_path / "table.parquet"
+    frame.write_parquet(path)
+    config = TrainConfig(
+        data=str(path), output=str(tmp_path / "out"), label="churned", backend="memory",
+        exclude=["customer_id", "weight"], missing="impute", validation_fraction=0,
+    )  # fmt: skip
+    data = open_training_data(config, *plan_run(config))
+    n = data.plan.n_terms
+    found = separation_findings(data, np.zeros((n, 1)))
+    rows = data.train  # the in-memory rows, to hand the kernel's own check
+    kernel = separation(rows.X, rows.Y, np.zeros((n, 1)), 0.0, indicator=indicator_terms(data.plan))
+    assert [(r["term"], r["label"]) for r in found] == [
+        (data.plan.terms[j], label) for j, label in zip(kernel.terms, kernel.labels, strict=True)
+    ]
+    assert [r["term"] for r in found] == ["tier=gold"]
+
+
 def test_a_fit_short_of_the_optimum_says_so_and_writes_no_statistics(tmp_path):
     params, metadata, inference = train_plain(
         tmp_path, cancer_frame(), "diagnosis", optimizer="gd", learning_rate=0.5, iterations=20
@@ -237,3 +261,35 @@ def test_the_cost_curve_is_drawn_on_a_log_gap_with_the_validation_cost():
     png = cost_curve_png(history, gradient, held_out)
     assert png.startswith(b"\x89PNG") and png == cost_curve_png(history, gradient, held_out)
     assert png != cost_curve_png(history, gradient)
+
+
+@pytest.mark.slow
+def test_the_command_line_warns_in_one_line_and_fails_on_aliased_terms(
+    prefect_api, tmp_path, capsys
+):
+    from flows.cli import main
+
+    def run(*args) -> int:
+        try:
+            main(["train", "--label", "diagnosis", "--validation-fraction", "0", *map(str, args)])
+        except SystemExit as stop:
+            return int(stop.code or 0)
+        return 0
+
+    table = tmp_path / "cancer.parquet"
+    cancer_frame().write_parquet(table)
+    status = run("--data", table, "--output", tmp_path / "short", "--optimizer", "gd",
+                 "--iterations", "20")  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 0
+    [line] = [line for line in err.splitlines() if line.startswith("lrflow: warning:")]
+    assert line.startswith("lrflow: warning: not converged (iterations): max |gradient| ")
+    assert line.endswith(
+        "> tol 1e-08 after 20 iterations; try --optimizer newton or more --iterations"
+    )
+    aliased = tmp_path / "aliased.parquet"
+    with_sum_column(cancer_frame()).write_parquet(aliased)
+    assert run("--data", aliased, "--output", tmp_path / "aliased") == 2
+    assert "lrflow: error: aliased terms" in capsys.readouterr().err
+    assert run("--data", aliased, "--output", tmp_path / "dropped", "--drop-aliased") == 0
+    assert "aliased terms dropped" in capsys.readouterr().err
