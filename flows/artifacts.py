@@ -112,13 +112,28 @@ def _import_matplotlib() -> None:
     import matplotlib.figure  # noqa: F401
 
 
-def cost_curve_png(cost_history: Sequence[float] | np.ndarray) -> bytes:
-    """The cost against the iteration as a PNG (matplotlib's Agg canvas, no pyplot state).
+def cost_curve_png(
+    cost_history: Sequence[float] | np.ndarray,
+    gradient_norm: Sequence[float] | np.ndarray | None = None,
+    validation_cost: Sequence[float] | np.ndarray | None = None,
+    tol: float | None = None,
+) -> bytes:
+    """How far each iteration is from the end, on a log axis, and the validation cost beside.
+
+    Left: ``J - J_final`` (and ``max |∇J|``, the stop rule's number) against the
+    iteration on a log axis, so a run stopped at the cap, whose gap still falls
+    steadily, does not look finished. Right: the cost ``J`` and the validation
+    cost where it was evaluated. Matplotlib's Agg canvas, no pyplot state.
 
     Parameters
     ----------
     cost_history : array-like of shape (n_iterations + 1,)
         ``cost_history[i]`` is the cost before update ``i + 1``.
+    gradient_norm : array-like of shape (n_iterations + 1,), optional
+    validation_cost : array-like of shape (n_iterations + 1,), optional, NaN where not evaluated
+    tol : float, optional
+        The stop rule's tolerance, drawn as a dashed line: the gradient ends below it
+        exactly when the run converged (``J - J_final`` always falls to 0 at the end).
     """
     # Imported here: matplotlib takes about half a second to import, which only
     # the runs that draw should pay.
@@ -126,14 +141,38 @@ def cost_curve_png(cost_history: Sequence[float] | np.ndarray) -> bytes:
     from matplotlib.figure import Figure
 
     cost = np.asarray(cost_history, dtype=np.float64)
-    figure = Figure(figsize=(7.0, 3.6), dpi=100)
+    iteration = np.arange(cost.size)
+    figure = Figure(figsize=(9.0, 3.6), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(np.arange(cost.size), cost, color=COST_CURVE_COLOR, linewidth=2)
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("cost J")
-    axes.set_title(f"cost: {cost[0]:.6g} -> {cost[-1]:.6g} in {cost.size - 1} iterations")
-    axes.grid(alpha=0.3)
+    gap_axes, cost_axes = figure.subplots(1, 2)
+    gap = cost - cost[-1]
+    shown = gap > 0  # the last point (and any below the end) has no logarithm
+    gap_axes.plot(iteration[shown], gap[shown], color=COST_CURVE_COLOR, linewidth=2,
+                  label="J - J_final")  # fmt: skip
+    if gradient_norm is not None:
+        gradient = np.asarray(gradient_norm, dtype=np.float64)
+        gap_axes.plot(iteration, gradient, color="#d62728", linewidth=1, label="max |∇J|")
+    title = "J - J_final (log)"
+    if gradient_norm is not None and tol is not None and tol > 0:
+        gap_axes.axhline(tol, color="#d62728", linestyle="--", linewidth=1, label="tol")
+        done = float(gradient[-1]) <= tol
+        title = "converged" if done else f"NOT converged: max |∇J| {gradient[-1]:.2g} > tol"
+    if shown.any() or gradient_norm is not None:
+        gap_axes.set_yscale("log")
+    gap_axes.set_xlabel("iteration")
+    gap_axes.set_title(title)
+    gap_axes.legend(loc="upper right", fontsize="small")
+    gap_axes.grid(alpha=0.3)
+    cost_axes.plot(iteration, cost, color="#7f7f7f", linewidth=1.5, label="cost J (train)")
+    if validation_cost is not None:
+        held_out = np.asarray(validation_cost, dtype=np.float64)
+        evaluated = ~np.isnan(held_out)
+        cost_axes.plot(iteration[evaluated], held_out[evaluated], color="#ff7f0e",
+                       marker=".", linewidth=1.5, label="validation log-loss")  # fmt: skip
+    cost_axes.set_xlabel("iteration")
+    cost_axes.set_title(f"cost: {cost[0]:.6g} -> {cost[-1]:.6g} in {cost.size - 1} iterations")
+    cost_axes.legend(loc="upper right", fontsize="small")
+    cost_axes.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
     # No "Software"/date chunks: the same history gives the same bytes.
@@ -212,8 +251,8 @@ def history_markdown(history: pa.Table, last: int = HISTORY_ROWS) -> str:
 
 
 def parameter_rows(params_path: Path) -> list[dict[str, Any]]:
-    """The rows of a written ``params.parquet``: ``{"term": str, "estimate": float}``."""
-    return pq.read_table(params_path, columns=["term", "estimate"]).to_pylist()
+    """The rows of a written ``params.parquet``: term, estimate and its Wald statistics."""
+    return pq.read_table(params_path).to_pylist()
 
 
 def metric_rows(metrics_path: Path) -> list[dict[str, Any]]:
@@ -254,11 +293,14 @@ def report_markdown(
     columns: Sequence[Sequence[str]] = (),
     notes: Sequence[str] = (),
     promotion: Sequence[tuple[str, object]] = (),
+    diagnostics: Sequence[str] = (),
+    gradient_max: float | None = None,
 ) -> str:
     """The run's report: data, columns, config, how training went, metrics, promotion, outputs.
 
     ``columns`` are ``(column, role, detail)`` rows (every column used or left out,
-    and why); ``notes`` are warnings to read before trusting the model.
+    and why); ``notes`` are warnings to read before trusting the model;
+    ``diagnostics`` the fit's (not converged, aliased terms, separation).
     """
     config_rows = [(name, value) for name, value in config.model_dump(mode="json").items()]
     sections = [
@@ -283,9 +325,15 @@ def report_markdown(
             [
                 ("iterations run", n_iterations),
                 ("stop reason", stop_reason),
+                *([("max |gradient|", float(gradient_max))] if gradient_max is not None else []),
                 ("final cost", float(final_cost)),
                 ("wall time (s)", round(float(seconds), 3)),
             ],
+        ),
+        *(
+            ["## Diagnostics", "\n".join(f"- {line}" for line in diagnostics)]
+            if diagnostics
+            else []
         ),
         "## Metrics",
         _table(
@@ -352,6 +400,8 @@ def publish_run_artifacts(
     columns: Sequence[Sequence[str]] = (),
     notes: Sequence[str] = (),
     promotion: Sequence[tuple[str, object]] = (),
+    diagnostics: Sequence[str] = (),
+    gradient_norm: Sequence[float] | np.ndarray | None = None,
 ) -> None:
     """Create the parameter table, the report, the cost curve and one link per output file."""
     from prefect.artifacts import (
@@ -366,7 +416,8 @@ def publish_run_artifacts(
         create_table_artifact(
             parameter_rows(by_name["params.parquet"]),
             key=PARAMETERS_KEY,
-            description="Estimates on the raw feature scale, as in params.parquet.",
+            description="Estimates, standard errors, z, p and Wald intervals on the raw "
+            "feature scale, as in params.parquet.",
         )
     metrics = metric_rows(by_name["metrics.parquet"]) if "metrics.parquet" in by_name else []
     create_markdown_artifact(
@@ -385,16 +436,19 @@ def publish_run_artifacts(
             columns=columns,
             notes=notes,
             promotion=promotion,
+            diagnostics=diagnostics,
+            gradient_max=None if gradient_norm is None else float(gradient_norm[-1]),
         ),
         key=REPORT_KEY,
         description=f"{n_iterations} iterations ({stop_reason}), final cost {final_cost:.6g}",
     )
     curve = by_name.get(COST_CURVE_FILE)
-    png = curve.read_bytes() if curve is not None else cost_curve_png(cost_history)
+    png = curve.read_bytes() if curve is not None else cost_curve_png(cost_history, gradient_norm)
     create_markdown_artifact(
         cost_curve_markdown(png, n_iterations=n_iterations, final_cost=final_cost),
         key=COST_CURVE_KEY,
-        description="The cost at each iteration (also written as cost_history.png).",
+        description="J - J_final and max |gradient| on a log axis, and the validation cost "
+        "(also written as cost_history.png).",
     )
     for path in outputs:
         create_link_artifact(

@@ -118,9 +118,21 @@ def train(
     optimizer: Annotated[
         str,
         typer.Option(
-            help="gd, nesterov, lbfgs, newton or auto (the last three ignore --learning-rate)."
+            help="auto (newton up to 200 terms, else lbfgs), newton, lbfgs, nesterov or gd "
+            "(the first three ignore --learning-rate)."
         ),
-    ] = "gd",
+    ] = "auto",
+    confidence: Annotated[
+        float, typer.Option(help="Level of the Wald intervals (ci_lower, ci_upper).")
+    ] = 0.95,
+    drop_aliased: Annotated[
+        bool,
+        typer.Option(
+            "--drop-aliased",
+            help="Drop exactly collinear terms, refit, and record null estimates for them "
+            "[default: fail naming them].",
+        ),
+    ] = False,
     threads: Annotated[
         int | None, typer.Option(help="Kernel threads [default: the available cores].")
     ] = None,
@@ -208,6 +220,8 @@ def train(
         l2=_numbers(l2, "--l2"),  # type: ignore[arg-type]  # validated by the model
         tol=tol,
         optimizer=optimizer,  # type: ignore[arg-type]  # validated by the model
+        confidence=confidence,
+        drop_aliased=drop_aliased,
         threads=threads,
         engine=engine,  # type: ignore[arg-type]  # validated by the model
         checkpoint_every=checkpoint_every,
@@ -260,7 +274,7 @@ def train(
         bar.close()
     for column, role, detail in summary.columns:
         typer.echo(f"column {column!r}: {role} ({detail})")
-    for warning in summary.warnings:
+    for warning in [*summary.warnings, *summary.diagnostics]:
         typer.echo(f"lrflow: warning: {warning}", err=True)
     typer.echo(
         f"trained on {summary.n_examples} examples x {summary.n_features} terms: "

@@ -71,9 +71,17 @@ class TrainConfig(BaseModel):
         description="Converged when max |∇J| <= tol, on the standardized scale (0: never).",
     )
     optimizer: Literal["gd", "nesterov", "lbfgs", "newton", "auto"] = Field(
-        default="gd",
-        description="gd (the seeds'), nesterov (accelerated), lbfgs (SciPy), newton, or auto "
-        "(newton up to 200 features, else lbfgs).",
+        default="auto",
+        description="auto (newton up to 200 terms, else lbfgs), newton, lbfgs (SciPy), "
+        "nesterov (accelerated) or gd (the seeds').",
+    )
+    confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Level of the Wald intervals in params.parquet."
+    )
+    drop_aliased: bool = Field(
+        default=False,
+        description="Drop aliased (exactly collinear) terms, refit, and record null estimates "
+        "for them, instead of failing.",
     )
     threads: int | None = Field(
         default=None, ge=1, description="Kernel threads (default: the cores this process may use)."

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from flows import durable
 from flows.config import TrainConfig
 from flows.errors import DataError
+from flows.inference import STATISTICS, FitInference
 from flows.locks import exclusive_lock
 from lr_kernel import FitResult
 
@@ -28,7 +29,15 @@ if TYPE_CHECKING:
 INTERCEPT_TERM = "(Intercept)"
 METADATA_KEY = b"lrflow"
 
-PARAMS_SCHEMA = pa.schema([("term", pa.string()), ("estimate", pa.float64())])
+# Estimates and their Wald statistics on the raw feature scale (flows.inference); null
+# where not identified (a dropped aliased term) or not computed (a fit short of the optimum).
+PARAMS_SCHEMA = pa.schema(
+    [
+        ("term", pa.string()),
+        ("estimate", pa.float64()),
+        *((name, pa.float64()) for name in STATISTICS),
+    ]
+)
 COST_HISTORY_SCHEMA = pa.schema(
     [
         ("iteration", pa.int64()),
@@ -64,10 +73,28 @@ def raw_scale_parameters(
     return w_raw, float(b) - float(np.dot(w_raw, mean))
 
 
-def params_table(terms: tuple[str, ...], w_raw: np.ndarray, b_raw: float) -> pa.Table:
-    """One row per term in the plan's order, then the intercept."""
+def params_table(
+    terms: tuple[str, ...],
+    w_raw: np.ndarray,
+    b_raw: float,
+    statistics: Mapping[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """One row per term in the plan's order, then the intercept; NaN is written as null.
+
+    ``statistics`` maps each of ``STATISTICS`` to ``(n_terms + 1,)`` (all null without).
+    """
+    size = len(terms) + 1
+    columns = {"estimate": np.append(np.asarray(w_raw, dtype=np.float64), float(b_raw))}
+    for name in STATISTICS:
+        columns[name] = np.full(size, np.nan) if statistics is None else statistics[name]
     return pa.table(
-        {"term": [*terms, INTERCEPT_TERM], "estimate": [*map(float, w_raw), float(b_raw)]},
+        {
+            "term": [*terms, INTERCEPT_TERM],
+            **{
+                name: pa.array(np.asarray(values, dtype=np.float64), mask=np.isnan(values))
+                for name, values in columns.items()
+            },
+        },
         schema=PARAMS_SCHEMA,
     )
 
@@ -147,6 +174,7 @@ def run_metadata(
     *,
     started_at: datetime,
     run_id: str | None,
+    inference: FitInference | None = None,
 ) -> dict[str, Any]:
     """Everything a consumer needs to trust and reproduce the run (the ``lrflow`` key).
 
@@ -179,6 +207,8 @@ def run_metadata(
             "stop_reason": result.stop_reason,
             "converged": result.converged,
             "final_cost": float(result.cost_history[-1]),
+            "gradient_max": float(result.gradient_norm_history[-1]),
+            **({} if inference is None else inference.metadata),
         },
         "versions": _versions(),
         "started_at": started_at.isoformat(),
@@ -209,6 +239,7 @@ def write_run_outputs(
     validation_cost: np.ndarray | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     extra_files: Mapping[str, bytes | pa.Table] | None = None,
+    inference: FitInference | None = None,
 ) -> list[Path]:
     """Write params, cost history and metrics of a finished fit as one output set.
 
@@ -225,6 +256,7 @@ def write_run_outputs(
         validation_cost=validation_cost,
         metrics=metrics,
         extra_files=extra_files,
+        inference=inference,
     )
     manifest = write_output_set(output, files, run_id=str(run_id))
     return [*(output / entry.name for entry in manifest.files), output / MANIFEST_NAME]
@@ -240,21 +272,28 @@ def run_output_files(
     validation_cost: np.ndarray | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     extra_files: Mapping[str, bytes | pa.Table] | None = None,
+    inference: FitInference | None = None,
 ) -> dict[str, pa.Table | bytes]:
     """The files of a finished fit's output set: file name -> table (with metadata) or bytes.
 
     ``validation_cost`` is ``(n_iterations + 1,)`` with NaN where not evaluated;
     ``metrics`` default to the data's; ``extra_files`` (name -> bytes,
     e.g. the cost curve picture, or tables carrying their own metadata) join the
-    same set.
+    same set; ``inference`` (:func:`flows.inference.check_fit`) gives the statistics
+    columns and the fit's diagnostics (without it they are null).
     """
     mean, scale = data.plan.term_mean_scale()
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
+    if inference is not None:
+        w_raw[list(inference.dropped)] = np.nan  # not identified: null, as R records them
     if metrics is None:
         metrics = data.metrics(result.w, result.b)
-    metadata = run_metadata(data, result, config, started_at=started_at, run_id=run_id)
+    metadata = run_metadata(
+        data, result, config, started_at=started_at, run_id=run_id, inference=inference
+    )
+    statistics = None if inference is None else inference.statistics
     tables = {
-        "params.parquet": params_table(data.plan.terms, w_raw, b_raw),
+        "params.parquet": params_table(data.plan.terms, w_raw, b_raw, statistics),
         "cost_history.parquet": cost_history_table(
             result.cost_history, result.gradient_norm_history, validation_cost
         ),

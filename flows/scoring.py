@@ -141,7 +141,10 @@ def load_model(model: str | Path) -> Model:
         table = pq.read_table(path)
     except Exception as error:
         raise DataError(f"not a readable Parquet file ({error})", path=path) from None
-    if not table.schema.remove_metadata().equals(PARAMS_SCHEMA):
+    # term and estimate are what scoring reads; models from before the statistics
+    # columns have those two alone.
+    found = table.schema.remove_metadata()
+    if not any(found.equals(s) for s in (PARAMS_SCHEMA, pa.schema(list(PARAMS_SCHEMA)[:2]))):
         raise DataError(f"columns are not {PARAMS_SCHEMA.names}", path=path)
     try:
         metadata = json.loads((table.schema.metadata or {})[METADATA_KEY])
@@ -150,7 +153,8 @@ def load_model(model: str | Path) -> Model:
     except (KeyError, ValueError, TypeError):
         raise DataError("no lrflow label mapping in the file metadata", path=path) from None
     terms = table.column("term").to_pylist()
-    estimates = np.asarray(table.column("estimate").to_numpy(), dtype=np.float64)
+    # A null estimate is a term dropped as aliased (--drop-aliased): it adds nothing.
+    estimates = np.asarray(table.column("estimate").fill_null(0.0).to_numpy(), dtype=np.float64)
     if not terms or terms[-1] != INTERCEPT_TERM or INTERCEPT_TERM in terms[:-1]:
         raise DataError(f"the last term must be the only {INTERCEPT_TERM!r}", path=path)
     if not np.all(np.isfinite(estimates)):

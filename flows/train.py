@@ -28,6 +28,7 @@ from flows.backends import TrainingData, open_training_data, plan_run
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
 from flows.errors import DataError, DivergedError, LrflowError
+from flows.inference import FitInference, check_fit
 from flows.outputs import metrics_rows, raw_scale_parameters, run_output_files
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
 from flows.store import (
@@ -80,6 +81,8 @@ class TrainSummary(BaseModel):
     run: str | None = None
     promoted: bool | None = None
     promotion: str | None = None
+    # The fit's own warnings (not converged, aliased terms dropped, separation).
+    diagnostics: list[str] = []
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -226,6 +229,25 @@ def evaluate_model(data: TrainingData, result: FitResult) -> dict[str, dict[str,
     }
 
 
+@task(name="check-fit", retry_condition_fn=retry_unless_bad_input, cache_policy=NO_CACHE)
+def check_model(
+    data: TrainingData, result: FitResult, validation_cost: np.ndarray | None, config: TrainConfig
+) -> tuple[FitResult, np.ndarray | None, FitInference]:
+    """One Hessian pass at the fit: aliased terms (refit without them if asked), the Wald
+    table, separation and convergence (flows.inference.check_fit)."""
+    n_threads, engine = kernel_setting(data, config)
+    with kernel_threads(n_threads):
+        return check_fit(
+            data,
+            result,
+            validation_cost,
+            config,
+            refit=fit_with_validation_cost,
+            n_threads=n_threads,
+            engine=engine,
+        )
+
+
 @task(
     name="write-outputs",
     retries=2,
@@ -242,9 +264,14 @@ def write_outputs(
     metrics: dict[str, dict[str, float]] | None = None,
     search: SearchResult | None = None,
     search_config: TrainConfig | None = None,
+    inference: FitInference | None = None,
 ) -> StoredRun:
     run_id = str(flow_run.id or uuid.uuid4())
-    extra: dict[str, bytes | pa.Table] = {COST_CURVE_FILE: cost_curve_png(result.cost_history)}
+    extra: dict[str, bytes | pa.Table] = {
+        COST_CURVE_FILE: cost_curve_png(
+            result.cost_history, result.gradient_norm_history, validation_cost, config.tol
+        )
+    }
     if search is not None:  # the search's files join the same output set
         search_config = search_config or config
         extra |= search_tables(search, search_config, started_at=started_at, run_id=run_id)
@@ -257,6 +284,7 @@ def write_outputs(
         validation_cost=validation_cost,
         metrics=metrics,
         extra_files=extra,
+        inference=inference,
     )
     plan = data.plan
     mean, scale = plan.term_mean_scale()
@@ -281,7 +309,12 @@ def write_outputs(
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def publish_artifacts(
-    data: TrainingData, result: FitResult, config: TrainConfig, stored: StoredRun, seconds: float
+    data: TrainingData,
+    result: FitResult,
+    config: TrainConfig,
+    stored: StoredRun,
+    seconds: float,
+    diagnostics: tuple[str, ...] = (),
 ) -> None:
     publish_run_artifacts(
         config=config,
@@ -297,6 +330,8 @@ def publish_artifacts(
         columns=data.plan.describe(),
         notes=data.plan.warnings,
         promotion=stored.comparison.rows(),
+        diagnostics=diagnostics,
+        gradient_norm=result.gradient_norm_history,
     )
     publish_history(read_history(stored.store))
 
@@ -364,15 +399,30 @@ def train(config: TrainConfig) -> TrainSummary:
             result.stop_reason,
             result.cost_history[-1],
         )
+        result, validation_cost, inference = check_model(
+            data, result, validation_cost, written_config
+        )
+        for line in inference.warnings:
+            logger.warning(line)
         metrics = evaluate_model(data, result)
         stored = write_outputs(
-            data, result, written_config, started_at, validation_cost, metrics, search, config
+            data,
+            result,
+            written_config,
+            started_at,
+            validation_cost,
+            metrics,
+            search,
+            config,
+            inference,
         )
         logger.info(summary_line(stored))
     finally:
         data.close()  # stop a Dask cluster, drop a stream cache if asked
     checkpoint_path(config).unlink(missing_ok=True)  # the outputs supersede it
-    publish_artifacts(data, result, written_config, stored, time.perf_counter() - clock)
+    publish_artifacts(
+        data, result, written_config, stored, time.perf_counter() - clock, inference.warnings
+    )
     publish_metrics(metrics, "train-metrics")
     if search is not None:
         publish_search(search)
@@ -388,6 +438,7 @@ def train(config: TrainConfig) -> TrainSummary:
         n_validation_examples=data.n_validation,
         columns=[list(row) for row in plan.describe()],
         warnings=list(plan.warnings),
+        diagnostics=list(inference.warnings),
         metrics=metrics,
         selected=None if search is None else search.summary(config),
         run=str(stored.run_dir),

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows import outputs
+from flows.inference import STATISTICS
 from flows.outputs import (
     COST_HISTORY_SCHEMA,
     METRICS_SCHEMA,
@@ -22,7 +23,13 @@ from flows.outputs import (
 
 
 def test_schemas_are_the_contract():
-    assert PARAMS_SCHEMA == pa.schema([("term", pa.string()), ("estimate", pa.float64())])
+    assert PARAMS_SCHEMA == pa.schema(
+        [("term", pa.string())]
+        + [
+            (name, pa.float64())
+            for name in ("estimate", "std_error", "z_value", "p_value", "ci_lower", "ci_upper")
+        ]
+    )
     assert COST_HISTORY_SCHEMA.names[:2] == ["iteration", "cost"]
     assert COST_HISTORY_SCHEMA.field("iteration").type == pa.int64()
     assert COST_HISTORY_SCHEMA.field("cost").type == pa.float64()
@@ -33,7 +40,15 @@ def test_schemas_are_the_contract():
 
 def test_tables_follow_the_contract():
     params = params_table(("a", "b"), np.array([1.5, -2.0]), 0.25)
-    assert params.to_pydict() == {"term": ["a", "b", "(Intercept)"], "estimate": [1.5, -2.0, 0.25]}
+    assert params.select(["term", "estimate"]).to_pydict() == {
+        "term": ["a", "b", "(Intercept)"],
+        "estimate": [1.5, -2.0, 0.25],
+    }
+    assert params.column("std_error").null_count == 3  # no statistics given: null
+    statistics = {name: np.array([1.0, np.nan, 3.0]) for name in STATISTICS}
+    with_statistics = params_table(("a", "b"), np.array([np.nan, -2.0]), 0.25, statistics)
+    assert with_statistics.column("estimate").to_pylist() == [None, -2.0, 0.25]
+    assert with_statistics.column("p_value").to_pylist() == [1.0, None, 3.0]
     history = cost_history_table(np.array([0.69, 0.5, 0.4]), np.array([1.0, 0.5, 0.1]))
     assert history.column("iteration").to_pylist() == [0, 1, 2]
     metrics = metrics_table({"train": {"log_loss": 0.4, "accuracy": 0.8}})
