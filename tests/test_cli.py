@@ -66,7 +66,9 @@ def test_train_writes_the_contracted_outputs(prefect_api, sample_file, tmp_path,
     run = latest(out)
     assert sorted(p.name for p in run.iterdir()) == OUTPUT_FILES
     params = pl.read_parquet(run / "params.parquet")
-    assert params.columns == ["term", "estimate"]
+    assert params.columns == [
+        "term", "estimate", "std_error", "z_value", "p_value", "ci_lower", "ci_upper",
+    ]  # fmt: skip
     assert params["term"].to_list() == ["x1", "x2", "(Intercept)"]
     history = pl.read_parquet(run / "cost_history.parquet")
     assert history["iteration"].to_list() == list(range(history.height))
@@ -146,7 +148,7 @@ def test_both_kernel_engines_train_the_same_model(prefect_api, sample_file, tmp_
         out = tmp_path / engine
         status = run_cli(
             "train", "--data", sample_file, "--output", out, "--iterations", "300",
-            "--threads", "2", "--engine", engine,
+            "--threads", "2", "--engine", engine, "--exclude", "id",
         )  # fmt: skip
         assert status == 0, capsys.readouterr().err
         assert read_metadata(latest(out) / "params.parquet")["config"]["engine"] == engine
@@ -217,7 +219,7 @@ def test_divergence_fails_the_run_and_writes_nothing(prefect_api, tmp_path, caps
     )
     status = run_cli(
         "train", "--data", path, "--output", tmp_path / "out", "--no-standardize",
-        "--learning-rate", "10",
+        "--learning-rate", "10", "--optimizer", "gd",
     )  # fmt: skip
     err = capsys.readouterr().err
     assert status == 1
@@ -227,7 +229,8 @@ def test_divergence_fails_the_run_and_writes_nothing(prefect_api, tmp_path, caps
 
 def test_params_parquet_is_readable_by_pyarrow_alone(prefect_api, sample_file, tmp_path):
     out = tmp_path / "out"
-    assert run_cli("train", "--data", sample_file, "--output", out, "--iterations", "20") == 0
+    args = ["--iterations", "20", "--exclude", "id"]
+    assert run_cli("train", "--data", sample_file, "--output", out, *args) == 0
     table = pq.read_table(latest(out) / "params.parquet")
     assert table.schema.field("estimate").type == "double"
     assert b"lrflow" in table.schema.metadata

@@ -35,8 +35,9 @@ def _run_all(runs, sample_file) -> None:
     """Start every ``(env, output, iterations)`` run at once; all must succeed."""
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "train", "--data", str(sample_file),
-             "--output", str(out), "--iterations", str(iterations), "--tol", "0"],
+            [sys.executable, "-m", "flows.cli", "train", "--exclude", "id",
+             "--data", str(sample_file), "--output", str(out), "--iterations", str(iterations),
+             "--tol", "0"],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for env, out, iterations in runs

@@ -131,7 +131,14 @@ def test_server_start_is_reused_by_train_and_stops(tmp_path, sample_file):
         assert status.returncode == 0 and state.url in status.stdout
 
         trained = _lrflow(
-            env, "train", "--data", str(sample_file), "--output", str(tmp_path / "out")
+            env,
+            "train",
+            "--exclude",
+            "id",
+            "--data",
+            str(sample_file),
+            "--output",
+            str(tmp_path / "out"),
         )
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert HINT not in trained.stderr  # no temporary server was started
@@ -142,7 +149,7 @@ def test_server_start_is_reused_by_train_and_stops(tmp_path, sample_file):
         assert _api(state.url, f"flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
         of_run = {"any_": [flow_run_id]}
         task_runs = _api(state.url, "task_runs/filter", {"flow_runs": {"id": of_run}})
-        assert {t["state_type"] for t in task_runs} == {"COMPLETED"} and len(task_runs) == 5
+        assert {t["state_type"] for t in task_runs} == {"COMPLETED"} and len(task_runs) == 6
         logs = _api(state.url, "logs/filter", {"logs": {"flow_run_id": of_run}})
         assert any(log["message"] == "Finished in state Completed()" for log in logs)
         artifacts = _api(state.url, "artifacts/filter", {"artifacts": {"flow_run_id": of_run}})
@@ -159,7 +166,16 @@ def test_server_start_is_reused_by_train_and_stops(tmp_path, sample_file):
 @pytest.mark.slow
 def test_train_without_a_server_hints_and_uses_a_temporary_one(tmp_path, sample_file):
     env = _env(tmp_path / "home")
-    trained = _lrflow(env, "train", "--data", str(sample_file), "--output", str(tmp_path / "out"))
+    trained = _lrflow(
+        env,
+        "train",
+        "--exclude",
+        "id",
+        "--data",
+        str(sample_file),
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stderr.splitlines()[0] == HINT
     assert re.search(r"trained on \d+ examples", trained.stdout)

@@ -434,6 +434,7 @@ def test_a_failed_run_promotes_nothing_and_leaves_the_store_as_it_was(prefect_ap
     store = tmp_path / "store"
     assert run_cli("train", "--data", data, "--output", store, "--iterations", 20) == 0
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    diverging = ["--no-standardize", "--learning-rate", 10, "--promote", "always"]
+    diverging = ["--no-standardize", "--optimizer", "gd", "--learning-rate", 10]
+    diverging += ["--promote", "always"]
     assert run_cli("train", "--data", data, "--output", store, *diverging) == 1
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
