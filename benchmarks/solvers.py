@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_info
 
+from flows.threads import kernel_threads
 from lr_kernel import FusedLoss, fit
 from lr_kernel.train import resolve_optimizer
 
@@ -61,7 +62,11 @@ def solvers(X: np.ndarray, Y: np.ndarray) -> dict[str, tuple[Solver, list[float]
 
     def lrflow(optimizer: str) -> Solver:
         def run(tol: float) -> tuple[np.ndarray, float]:
-            result = fit(X, Y, iterations=10_000, tol=tol, optimizer=optimizer, n_threads=CORES)  # type: ignore[arg-type]
+            # As the flows run the kernel: one BLAS thread under each kernel thread
+            # (without it the Hessian pass's block GEMMs oversubscribe the cores).
+            with kernel_threads(CORES):
+                result = fit(X, Y, iterations=10_000, tol=tol, optimizer=optimizer,  # type: ignore[arg-type]
+                             n_threads=CORES)  # fmt: skip
             return result.w.ravel(), result.b
 
         return run
@@ -102,7 +107,8 @@ def run_shape(m: int, n: int, repeats: int) -> list[str]:
     def cost(w: np.ndarray, b: float) -> float:
         return float(loss(np.asarray(w, dtype=np.float64).reshape(n, 1), b, 0.0)[0])
 
-    optimum = fit(X, Y, iterations=100, tol=1e-13, optimizer="newton", n_threads=CORES)
+    with kernel_threads(CORES):
+        optimum = fit(X, Y, iterations=100, tol=1e-13, optimizer="newton", n_threads=CORES)
     best = cost(optimum.w, optimum.b)
     candidates = solvers(X, Y)
     chosen: dict[str, tuple[float, float]] = {}  # name -> (tol, final cost)
@@ -144,9 +150,10 @@ def run_shape(m: int, n: int, repeats: int) -> list[str]:
         )
     for name, final in misses.items():
         lines.append(f"| {name} | not reached (best {final / best - 1:.1e} above J*) | | | |")
-    loss.hessian(optimum.w, optimum.b)  # the first call of a pass may compile it
-    H_start = time.perf_counter()
-    loss.hessian(optimum.w, optimum.b)
+    with kernel_threads(CORES):
+        loss.hessian(optimum.w, optimum.b)  # the first call of a pass may compile it
+        H_start = time.perf_counter()
+        loss.hessian(optimum.w, optimum.b)
     lines += [
         "",
         f"lrflow's statistics pass (one Hessian at the optimum, not in the times above): "
