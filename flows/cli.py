@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from flows.backends import check_values, plan_run, resolve_backend
 from flows.config import ScoreConfig, TrainConfig
 from flows.errors import DataError, LrflowError, one_line
+from flows.storage import location
 from flows.store import check_store
 
 app = typer.Typer(
@@ -226,7 +227,7 @@ def train(
     # aggregate query that holds no data. The flow repeats them for scheduled runs.
     plan, _ = plan_run(config)
     _check_output(config.output)
-    check_store(Path(config.output))
+    check_store(location(config.output))
     # Data that fits in memory is small enough to check in full first: the same
     # bounded first pass the run makes. Out-of-core and Dask runs make theirs
     # inside the flow instead (a pass over data of that size is the run's job).
