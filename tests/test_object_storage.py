@@ -258,6 +258,8 @@ def test_train_from_s3_into_a_store_on_s3_then_score_equals_the_local_run(
 
     from flows.store import latest, read_history
 
+    if backend == "stream":  # the cache of object-store input is on local disk
+        assert any((tmp_path / "cache").iterdir())
     run = latest(f"s3://{bucket}/store")  # checked against its manifest
     assert isinstance(run, ObjectPath) and str(run).startswith(f"s3://{bucket}/store/runs/")
     local_run = latest(tmp_path / "store")
@@ -298,6 +300,38 @@ def test_train_from_s3_into_a_store_on_s3_then_score_equals_the_local_run(
     # Scoring one run directly, by its prefix.
     assert run_cli("score", "--model", str(run), "--data", f"s3://{bucket}/in/part-0.parquet",
                    "--output", tmp_path / "one.parquet") == 0  # fmt: skip
+
+
+# --- the store's commit ---------------------------------------------------------------------
+
+
+def test_a_store_on_s3_keeps_runs_history_and_latest_as_a_local_one(s3_server, bucket):
+    from flows.object_store import complete_runs
+    from flows.store import commit_run, latest, read_history, read_latest
+    from tests.test_store import _candidate, _commit
+
+    store = location(f"s3://{bucket}/store")
+    good, worse = _candidate([1.5, -0.5]), _candidate([-1.0, 1.0])
+    first = _commit(store, good, minutes=0)
+    assert first.comparison.promoted and first.run_dir == store / "runs" / first.run_dir.name
+    assert _commit(store, worse, minutes=1).comparison.promoted is False  # if-better
+    third = _commit(store, good, minutes=2, promote="always")
+    fourth = _commit(store, worse, minutes=3, keep_runs=2)
+    # keep_runs 2: the newest two, and the promoted one (third) is among them.
+    assert complete_runs(store) == [third.run_dir.name, fourth.run_dir.name]
+    assert latest(store) == third.run_dir
+    assert read_latest(store).run == f"runs/{third.run_dir.name}"
+    history = read_history(store).to_pylist()
+    assert [r["promoted"] for r in history] == [True, False, True, False]  # every row stays
+    # A retried commit (same run id) writes neither a second set nor a second row.
+    before = objects(s3_server.filesystem(), bucket)
+
+    again = commit_run(
+        store, {}, run_id=history[-1]["run_id"], started_at=history[-1]["started_at"],
+        data_fingerprint="f", n_examples=1, challenger=worse, rows=None,
+    )  # fmt: skip
+    assert again.run_dir == fourth.run_dir and read_history(store).num_rows == 4
+    assert objects(s3_server.filesystem(), bucket) == before
 
 
 # --- kill -9 ----------------------------------------------------------------------------------
