@@ -194,9 +194,11 @@ def recover_store(store: ObjectPath) -> None:
     current = read_latest(store)
     rows = read_history(store).to_pylist()
     ids = [row["run_id"] for row in rows]
-    after = ids.index(current.run_id) + 1 if current is not None and current.run_id in ids else 0
+    if current is not None and current.run_id not in ids:
+        return  # its row was lost to a concurrent writer's runs.parquet: never roll back
+    after = 0 if current is None else ids.index(current.run_id) + 1
     promoted = [row for row in rows[after:] if row["promoted"]]
-    if not promoted or (current is not None and current.run_id == promoted[-1]["run_id"]):
+    if not promoted:
         return
     newest = promoted[-1]
     if read_manifest(store / RUNS_DIR / newest["run"]) is not None:

@@ -364,13 +364,16 @@ WRITER = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_writers", [1, 2])
 def test_kill_9_at_random_moments_leaves_latest_complete_and_the_history_readable(
-    s3_server, bucket
+    s3_server, bucket, n_writers
 ):
-    """One writer at a time into a store in S3, killed with SIGKILL at a random moment,
-    round after round: latest.json always names a complete run whose files match its
-    manifest, runs.parquet always reads, and after the next writer's recovery
-    latest.json names the newest run that runs.parquet records as promoted."""
+    """Writers into a store in S3, killed with SIGKILL at random moments, round after
+    round: latest.json always names a complete run whose files match its manifest and
+    runs.parquet always reads. One writer at a time: no row is ever lost, and after the
+    next writer's recovery latest.json names the newest run that runs.parquet records as
+    promoted. Two at once (no lock on S3): the same guarantees but for the rows, which
+    the later of two overlapping runs.parquet PUTs may drop (see flows/object_store.py)."""
     from flows.object_store import complete_runs, verify_output_set
     from flows.store import latest, read_history, recover_store
 
@@ -380,25 +383,34 @@ def test_kill_9_at_random_moments_leaves_latest_complete_and_the_history_readabl
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     seen_rows = 0
     for round_ in range(8):
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(store), str(round_)],
-            stdout=subprocess.PIPE,
-            env=env,
-            cwd=ROOT,
-        )
-        assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
-        time.sleep(rng.uniform(0.5, 3.0))  # a commit is ~20 requests: ~0.1-0.3 s
-        writer.send_signal(signal.SIGKILL)
-        assert writer.wait(timeout=30) == -signal.SIGKILL
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(store), str(10 * round_ + j)],
+                stdout=subprocess.PIPE,
+                env=env,
+                cwd=ROOT,
+            )
+            for j in range(n_writers)
+        ]
+        for writer in writers:
+            assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
+        for writer in writers:
+            time.sleep(rng.uniform(0.5, 3.0))  # a commit is ~20 requests: ~0.1-0.3 s
+            writer.send_signal(signal.SIGKILL)
+        for writer in writers:
+            assert writer.wait(timeout=30) == -signal.SIGKILL
         history = read_history(store)  # whole: a torn object would not parse
-        assert history.num_rows >= seen_rows  # one writer at a time: no row is lost
-        seen_rows = history.num_rows
+        if n_writers == 1:
+            assert history.num_rows >= seen_rows  # no row is lost
+        seen_rows = max(seen_rows, history.num_rows)
         if storage.exists(store / "latest.json"):
             latest(store)  # names a complete run, as its manifest says
         recover_store(store)
         promoted = [r for r in read_history(store).to_pylist() if r["promoted"]]
-        if promoted:
+        if promoted and n_writers == 1:
             assert latest(store).name == promoted[-1]["run"]
+        if storage.exists(store / "latest.json"):
+            latest(store)
         for name in complete_runs(store):
             verify_output_set(store / "runs" / name)
     assert seen_rows > 6  # the writers got work done between the kills
