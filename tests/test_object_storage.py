@@ -226,6 +226,30 @@ def test_bad_object_inputs_name_the_path_in_one_line(s3_server, bucket, where, p
     assert "\n" not in message
 
 
+def test_validation_data_and_the_output_place_in_object_storage(s3_server, bucket):
+    from flows.dataset import check_output_location, plan_held_out, plan_inputs
+
+    fs = s3_server.filesystem()
+    put_parquet(fs, f"{bucket}/in/a.parquet", _labelled(30, 0))
+    put_parquet(fs, f"{bucket}/val/v.parquet", _labelled(10, 5))
+    put_parquet(fs, f"{bucket}/short/v.parquet", {"x1": [1.0, 2.0], "y": [True, False]})
+    training = plan_inputs(f"s3://{bucket}/in/", label="y", exclude=["id"])
+    held_out = plan_held_out(f"s3://{bucket}/val/v.parquet", training)
+    assert [str(p) for p in held_out.files] == [f"s3://{bucket}/val/v.parquet"]
+    with pytest.raises(DataError, match="column 'x2': column of the training data not found"):
+        plan_held_out(f"s3://{bucket}/short/", training)
+    # The store may not lie where the data is read from: its files would be read back.
+    for data, output in [
+        (f"s3://{bucket}/in", f"s3://{bucket}/in/store"),
+        (f"s3://{bucket}/in/", f"s3://{bucket}/in"),
+        (f"s3://{bucket}/**/*.parquet", f"s3://{bucket}/models/churn"),
+    ]:
+        with pytest.raises(DataError, match="the next run would read its results"):
+            check_output_location(data, output)
+    check_output_location(f"s3://{bucket}/in", f"s3://{bucket}/models/churn")
+    check_output_location(f"s3://{bucket}/in/*.parquet", f"s3://{bucket}/in-models")
+
+
 # --- end to end: train into a store in S3, score from it ---------------------------------------
 
 
