@@ -424,6 +424,10 @@ def score(
 def _check_output(output: str) -> None:
     from pathlib import Path
 
+    from flows.storage import is_remote
+
+    if is_remote(output):
+        return  # check_store checks the bucket and the credentials
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise DataError("output exists and is not a directory", path=path)

@@ -27,7 +27,7 @@ deployment's concurrency limit of 1 does) to keep every row.
 import hashlib
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -220,7 +220,7 @@ def commit_run(
     promote: Promote,
     tolerance: float = DEFAULT_PROMOTE_TOLERANCE,
     keep_runs: int | None = None,
-    load_champion: "Callable[[Path], Candidate] | None" = None,
+    load_champion: "Callable[[PurePath], Candidate] | None" = None,
 ) -> "StoredRun":
     """:func:`flows.store.commit_run` in object storage (see the module docstring)."""
     from flows.store import RUNS_DIR, StoredRun, _compare, _history_row, _recorded, run_name

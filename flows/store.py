@@ -151,7 +151,7 @@ def read_latest(store: str | PurePath) -> Latest | None:
     return Latest.from_json(raw, path)
 
 
-def latest(store: str | PurePath) -> Path:
+def latest(store: str | PurePath) -> Path | storage.ObjectPath:
     """The directory of the store's promoted run, checked against its manifest.
 
     The consumer's entry point: reads ``latest.json``, then checks that the run's
@@ -161,7 +161,7 @@ def latest(store: str | PurePath) -> Path:
     storage it returns the run's ``storage.ObjectPath``.
     """
     if isinstance(where := storage.location(store), storage.ObjectPath):
-        return object_store.latest(where)  # type: ignore[return-value]
+        return object_store.latest(where)
     store = Path(store)
     found = read_latest(store)
     if found is None:
@@ -175,10 +175,10 @@ def latest(store: str | PurePath) -> Path:
     return run_dir
 
 
-def resolve_model(model: str | PurePath) -> Path:
+def resolve_model(model: str | PurePath) -> Path | storage.ObjectPath:
     """A run directory for ``--model``: a store's promoted run, or the directory itself."""
     if isinstance(where := storage.location(model), storage.ObjectPath):
-        return object_store.latest(where) if object_store.is_store(where) else where  # type: ignore[return-value]
+        return object_store.latest(where) if object_store.is_store(where) else where
     path = Path(model)
     if (path / LATEST_NAME).exists() or (path / RUNS_DIR).is_dir():
         return latest(path)
@@ -408,7 +408,7 @@ def commit_run(
     promote: Promote = DEFAULT_PROMOTE,
     tolerance: float = DEFAULT_PROMOTE_TOLERANCE,
     keep_runs: int | None = None,
-    load_champion: Callable[[Path], Candidate] | None = None,
+    load_champion: Callable[[PurePath], Candidate] | None = None,
 ) -> StoredRun:
     """Add a finished run to ``store``: its output set, its history row, and maybe promote it.
 
@@ -473,7 +473,7 @@ def _compare(
     rows: ValidationRows | None,
     promote: Promote,
     tolerance: float,
-    load_champion: Callable[[Path], Candidate] | None,
+    load_champion: Callable[[PurePath], Candidate] | None,
 ) -> Comparison:
     current = read_latest(store)
     if current is None:
