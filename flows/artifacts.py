@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 from uuid import UUID
 
@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows import storage
 from flows.config import TrainConfig
 
 PROGRESS_KEY = "train-progress"
@@ -250,17 +251,19 @@ def history_markdown(history: pa.Table, last: int = HISTORY_ROWS) -> str:
     )
 
 
-def parameter_rows(params_path: Path) -> list[dict[str, Any]]:
+def parameter_rows(params_path: PurePath) -> list[dict[str, Any]]:
     """The rows of a written ``params.parquet``: term, estimate and its Wald statistics."""
-    return pq.read_table(params_path).to_pylist()
+    fs, where = storage.filesystem(params_path)
+    return pq.read_table(where, filesystem=fs).to_pylist()
 
 
-def metric_rows(metrics_path: Path) -> list[dict[str, Any]]:
+def metric_rows(metrics_path: PurePath) -> list[dict[str, Any]]:
     """The rows of a written ``metrics.parquet``: ``{"split", "metric", "value"}``."""
-    return pq.read_table(metrics_path, columns=["split", "metric", "value"]).to_pylist()
+    fs, where = storage.filesystem(metrics_path)
+    return pq.read_table(where, columns=["split", "metric", "value"], filesystem=fs).to_pylist()
 
 
-def output_link_key(path: Path) -> str:
+def output_link_key(path: PurePath) -> str:
     """``params.parquet`` -> ``train-output-params-parquet`` (lowercase letters, digits, dashes)."""
     stem = "".join(c if c.isalnum() else "-" for c in path.name.lower())
     return OUTPUT_LINK_KEY_PREFIX + "-".join(part for part in stem.split("-") if part)
@@ -280,7 +283,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def report_markdown(
     *,
     config: TrainConfig,
-    files: Sequence[Path],
+    files: Sequence[PurePath],
     n_examples: int,
     features: Sequence[str],
     n_iterations: int,
@@ -289,7 +292,7 @@ def report_markdown(
     n_validation: int = 0,
     metrics: Sequence[Mapping[str, Any]],
     seconds: float,
-    outputs: Sequence[Path],
+    outputs: Sequence[PurePath],
     columns: Sequence[Sequence[str]] = (),
     notes: Sequence[str] = (),
     promotion: Sequence[tuple[str, object]] = (),
@@ -388,14 +391,14 @@ def training_progress(total: int) -> Iterator[Callable[[int, float], None]]:
 def publish_run_artifacts(
     *,
     config: TrainConfig,
-    files: Sequence[Path],
+    files: Sequence[PurePath],
     n_examples: int,
     features: Sequence[str],
     cost_history: Sequence[float] | np.ndarray,
     n_iterations: int,
     stop_reason: str,
     seconds: float,
-    outputs: Sequence[Path],
+    outputs: Sequence[PurePath],
     n_validation: int = 0,
     columns: Sequence[Sequence[str]] = (),
     notes: Sequence[str] = (),
@@ -443,7 +446,11 @@ def publish_run_artifacts(
         description=f"{n_iterations} iterations ({stop_reason}), final cost {final_cost:.6g}",
     )
     curve = by_name.get(COST_CURVE_FILE)
-    png = curve.read_bytes() if curve is not None else cost_curve_png(cost_history, gradient_norm)
+    if curve is not None:
+        with storage.open_input(curve) as handle:
+            png = handle.read()
+    else:
+        png = cost_curve_png(cost_history, gradient_norm)
     create_markdown_artifact(
         cost_curve_markdown(png, n_iterations=n_iterations, final_cost=final_cost),
         key=COST_CURVE_KEY,
@@ -452,7 +459,7 @@ def publish_run_artifacts(
     )
     for path in outputs:
         create_link_artifact(
-            path.resolve().as_uri(),
+            storage.uri(path),
             link_text=str(path),
             key=output_link_key(path),
             description=f"Output file {path.name}",

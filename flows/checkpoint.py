@@ -1,12 +1,13 @@
 """Checkpoints of a training run: saved atomically beside the outputs, resumed only on a match."""
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flows import durable
+from flows import durable, storage
 from flows.config import TrainConfig
 from flows.errors import DataError
 from lr_kernel import TrainState
@@ -18,6 +19,13 @@ CHECKPOINT_NAME = ".lrflow-checkpoint.npz"
 
 
 def checkpoint_path(config: TrainConfig) -> Path:
+    """Beside the outputs; for a store in object storage (no rename), on this machine's
+    disk under the stream cache's root, one file per store."""
+    if storage.is_remote(config.output):
+        from flows.backends import cache_root
+
+        store = hashlib.blake2b(config.output.encode(), digest_size=8).hexdigest()
+        return cache_root(config) / "checkpoints" / f"{store}{CHECKPOINT_NAME}"
     return Path(config.output) / CHECKPOINT_NAME
 
 

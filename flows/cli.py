@@ -202,6 +202,7 @@ def train(
     """Train on Parquet data; write params.parquet, cost_history.parquet, metrics.parquet."""
     from flows.backends import check_values, plan_run, resolve_backend
     from flows.config import TrainConfig
+    from flows.storage import location
     from flows.store import check_store
 
     config = TrainConfig(
@@ -252,7 +253,7 @@ def train(
     # inside the flow instead (a pass over data of that size is the run's job).
     if resolve_backend(config, plan) == "memory":
         check_values(config)
-    check_store(Path(config.output))
+    check_store(location(config.output))
 
     # A batch job has no business phoning home; an explicit setting still wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -502,6 +503,10 @@ def server_status() -> None:
 def _check_output(output: str) -> None:
     from pathlib import Path
 
+    from flows.storage import is_remote
+
+    if is_remote(output):
+        return  # check_store checks the bucket and the credentials
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise DataError("output exists and is not a directory", path=path)

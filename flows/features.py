@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any, Literal
 
 import numpy as np
@@ -105,7 +105,7 @@ def choose_columns(
     features: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     weight: str | None = None,
-    where: Path | str,
+    where: PurePath | str,
 ) -> ColumnChoice:
     """Feature columns and left-out columns with their reasons, from the schema.
 
@@ -268,7 +268,7 @@ class Summary:
 
 
 def summarize(
-    frame: pl.DataFrame, choice: ColumnChoice, *, path: Path | str, max_levels: int
+    frame: pl.DataFrame, choice: ColumnChoice, *, path: PurePath | str, max_levels: int
 ) -> Summary:
     """The :class:`Summary` of one batch of rows, in one Polars query over the batch."""
     checks: list[pl.Expr] = []
@@ -568,7 +568,7 @@ def label_mapping(
     *,
     label: str,
     dtype: str,
-    where: Path | str,
+    where: PurePath | str,
 ) -> LabelMapping:
     """Map a binary label onto 0/1: sorted order, negative first, unless told the positive.
 
@@ -600,7 +600,7 @@ def label_mapping(
 
 
 def check_values(
-    summary: Summary, choice: ColumnChoice, *, missing: MissingPolicy, where: Path | str
+    summary: Summary, choice: ColumnChoice, *, missing: MissingPolicy, where: PurePath | str
 ) -> None:
     """Refuse what no plan can use: no rows, a bad label or weight, NaN/inf, nulls
     (with ``missing="error"``, every such column at once), too many levels."""
@@ -827,7 +827,7 @@ def apply_plan(
     frame: pl.DataFrame,
     *,
     dtype: str | np.dtype = "float64",
-    path: Path | str,
+    path: PurePath | str,
     unseen: UnseenPolicy = "reference",
     label: bool = True,
     weights: bool = True,
@@ -895,7 +895,7 @@ def _fill_categorical(
     X: np.ndarray,
     row: int,
     block: Block,
-    path: Path | str,
+    path: PurePath | str,
     unseen: UnseenPolicy,
     missing_policy: MissingPolicy,
 ) -> int:
@@ -940,7 +940,7 @@ def _fill_categorical(
 
 
 def _label_row(
-    plan: FeaturePlan, labels: pl.Series, target: np.dtype, path: Path | str
+    plan: FeaturePlan, labels: pl.Series, target: np.dtype, path: PurePath | str
 ) -> np.ndarray:
     mapping = plan.label_mapping
     if labels.null_count():
@@ -964,7 +964,7 @@ def _label_row(
 
 
 def _weight_row(
-    plan: FeaturePlan, frame: pl.DataFrame, Y: np.ndarray, path: Path | str
+    plan: FeaturePlan, frame: pl.DataFrame, Y: np.ndarray, path: PurePath | str
 ) -> np.ndarray | None:
     if not plan.weighted:
         return None

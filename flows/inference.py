@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,11 +231,11 @@ class WithoutTerms:
         return self.data.plan
 
     @property
-    def files(self) -> tuple[Path, ...]:
+    def files(self) -> tuple[PurePath, ...]:
         return self.data.files
 
     @property
-    def validation_files(self) -> tuple[Path, ...]:
+    def validation_files(self) -> tuple[PurePath, ...]:
         return self.data.validation_files
 
     @property

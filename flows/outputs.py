@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -357,7 +357,7 @@ class Manifest:
         ).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, path: Path) -> "Manifest":
+    def from_json(cls, raw: bytes, path: PurePath) -> "Manifest":
         try:
             data = json.loads(raw)
             files = tuple(

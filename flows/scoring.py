@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from queue import Full, Queue
 from typing import Any
 
@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import durable
+from flows import durable, storage
 from flows.backends.partial_metrics import merge_metrics, piece_sums
 from flows.config import ScoreConfig
 from flows.dataset import check_convertible, common_schema, resolve_files
@@ -76,7 +76,7 @@ class Model:
     negative, positive : the label's two values; ``label_type`` their Arrow type.
     """
 
-    path: Path
+    path: PurePath  # a local Path, or a storage.ObjectPath
     plan: FeaturePlan
     w: np.ndarray
     b: float
@@ -101,7 +101,7 @@ class ScorePlan:
     run can also measure the model.
     """
 
-    files: tuple[Path, ...]
+    files: tuple[PurePath, ...]
     features: tuple[str, ...]
     keys: tuple[str, ...]
     n_rows: int
@@ -119,26 +119,30 @@ class ScoreResult:
     (and ``metrics_file``) when the data held the label.
     """
 
-    output: Path
+    output: PurePath
     n_rows: int
     n_positive: int
     mean_probability: float
     unseen: dict[str, int]
     imputed: dict[str, int]
     metrics: dict[str, float] | None = None
-    metrics_file: Path | None = None
+    metrics_file: PurePath | None = None
 
 
-def load_model(model: str | Path) -> Model:
+def load_model(model: str | PurePath) -> Model:
     """Read ``params.parquet`` of a train run and the label mapping in its metadata."""
-    directory = Path(model)
-    if not directory.is_dir():
-        raise DataError("no such model directory", path=directory)
+    directory = storage.location(model)
     path = directory / "params.parquet"
-    if not path.is_file():
+    if isinstance(directory, storage.ObjectPath):
+        if not storage.exists(directory / "params.parquet"):
+            raise DataError("no params.parquet here: not a run of `lrflow train`", path=directory)
+    elif not directory.is_dir():
+        raise DataError("no such model directory", path=directory)
+    elif not Path(path).is_file():
         raise DataError("no params.parquet here: not the output of `lrflow train`", path=directory)
+    fs, where = storage.filesystem(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(where, filesystem=fs)
     except Exception as error:
         raise DataError(f"not a readable Parquet file ({error})", path=path) from None
     # term and estimate are what scoring reads; models from before the statistics
@@ -182,7 +186,7 @@ def load_model(model: str | Path) -> Model:
     )
 
 
-def _stored_plan(metadata: dict[str, Any], path: Path) -> FeaturePlan:
+def _stored_plan(metadata: dict[str, Any], path: PurePath) -> FeaturePlan:
     """The feature plan of the metadata; a model from before plans had numeric features only."""
     try:
         if "feature_plan" in metadata:
@@ -208,7 +212,9 @@ def _stored_plan(metadata: dict[str, Any], path: Path) -> FeaturePlan:
         raise DataError(problem, path=path) from None
 
 
-def plan_scoring(model: Model, data: str | Path, unseen: UnseenPolicy = "reference") -> ScorePlan:
+def plan_scoring(
+    model: Model, data: str | PurePath, unseen: UnseenPolicy = "reference"
+) -> ScorePlan:
     """Check the data against the model from the footers alone (no data read).
 
     Every column the model reads must be present, of the kind it was trained
@@ -237,7 +243,7 @@ def plan_scoring(model: Model, data: str | Path, unseen: UnseenPolicy = "referen
     n_rows = 0
     arrow_schema = None
     for path in files:
-        metadata = pq.read_metadata(path)
+        metadata = read_footer(path)
         n_rows += metadata.num_rows
         arrow_schema = arrow_schema or metadata.schema.to_arrow_schema()
         check_convertible(metadata.schema.to_arrow_schema(), model.features, path)
@@ -259,7 +265,9 @@ def plan_scoring(model: Model, data: str | Path, unseen: UnseenPolicy = "referen
     )
 
 
-def _check_footer_nulls(path: Path, metadata: pq.FileMetaData, features: tuple[str, ...]) -> None:
+def _check_footer_nulls(
+    path: PurePath, metadata: pq.FileMetaData, features: tuple[str, ...]
+) -> None:
     """Nulls a writer counted in the row-group statistics: found before any data is read."""
     positions = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
     for name in features:
@@ -286,6 +294,15 @@ class Scored:
     metric_sums: dict[str, Any] | None
 
 
+def read_footer(path: PurePath) -> pq.FileMetaData:
+    """A file's or object's Parquet footer."""
+    fs, where = storage.filesystem(path)
+    if fs is None:
+        return pq.read_metadata(where)
+    with storage.translated(path, "cannot read the Parquet footer"):
+        return pq.read_metadata(where, filesystem=fs)
+
+
 def score_batches(
     plan: ScorePlan, model: Model, threshold: float = 0.5, batch_rows: int = 131_072
 ) -> Iterator[Scored]:
@@ -304,7 +321,7 @@ _DONE = object()
 
 def _read_ahead(
     plan: ScorePlan, batch_rows: int, depth: int = 2
-) -> Iterator[tuple[Path, list[pa.RecordBatch]]]:
+) -> Iterator[tuple[PurePath, list[pa.RecordBatch]]]:
     """Row groups read by a background thread, at most ``depth`` ahead of the consumer.
 
     Decoding Parquet and scoring/writing then overlap (both release the GIL):
@@ -345,15 +362,20 @@ def _read_ahead(
         thread.join()
 
 
-def _row_groups(path: Path, columns: list[str], batch_rows: int) -> Iterator[list[pa.RecordBatch]]:
+def _row_groups(
+    path: PurePath, columns: list[str], batch_rows: int
+) -> Iterator[list[pa.RecordBatch]]:
     """One row group at a time (iter_batches over a whole file holds several at once)."""
+    fs, where = storage.filesystem(path)
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(where, filesystem=fs)
         for group in range(parquet.num_row_groups):
             yield list(
                 parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
             )
     except OSError as error:
+        if fs is not None:
+            raise storage.object_error(error, path, "cannot read data") from None
         raise DataError(f"cannot read data ({error})", path=path) from None
     except DataError:
         raise
@@ -362,7 +384,7 @@ def _row_groups(path: Path, columns: list[str], batch_rows: int) -> Iterator[lis
 
 
 def score_batch(
-    batch: pa.RecordBatch, plan: ScorePlan, model: Model, threshold: float, path: Path
+    batch: pa.RecordBatch, plan: ScorePlan, model: Model, threshold: float, path: PurePath
 ) -> Scored:
     """Keys, ``probability = sigmoid(w · x + b)`` and ``prediction`` for one batch.
 
@@ -401,7 +423,7 @@ def score_batch(
     )
 
 
-def metrics_path(output: Path) -> Path:
+def metrics_path(output: PurePath) -> PurePath:
     """Where the metrics of a scored, labelled file go: ``preds.parquet`` ->
     ``preds.metrics.parquet`` beside it."""
     return output.with_name(f"{output.stem}.metrics{output.suffix or '.parquet'}")
@@ -410,7 +432,7 @@ def metrics_path(output: Path) -> Path:
 def score_to_parquet(
     plan: ScorePlan,
     model: Model,
-    output: Path,
+    output: PurePath,
     *,
     threshold: float = 0.5,
     batch_rows: int = 131_072,
@@ -421,8 +443,17 @@ def score_to_parquet(
 
     Batches are written to a hidden temporary file in the same directory as they
     are scored, then the file is flushed and renamed. ``progress(rows_done,
-    rows_total)`` is called after each batch.
+    rows_total)`` is called after each batch. An ``s3://`` output is scored into a
+    local temporary file, then uploaded (the metrics first), each in one upload.
     """
+    if isinstance(output, storage.ObjectPath):
+        from flows.object_store import score_to_object
+
+        return score_to_object(
+            plan, model, output, threshold=threshold, batch_rows=batch_rows,
+            metadata=metadata, progress=progress,
+        )  # fmt: skip
+    output = Path(output)
     schema = plan.output_schema
     if metadata is not None:
         schema = schema.with_metadata(
@@ -459,7 +490,7 @@ def score_to_parquet(
             table = metrics_table({"scored": metrics})
             if metadata is not None:
                 table = with_metadata(table, metadata)
-            written_metrics = write_table_atomic(table, metrics_path(output))
+            written_metrics = write_table_atomic(table, Path(metrics_path(output)))
     mean = probability_sum / n_rows if n_rows else math.nan
     return ScoreResult(
         output=output,
@@ -473,9 +504,13 @@ def score_to_parquet(
     )
 
 
-def check_output_file(output: str | Path) -> Path:
+def check_output_file(output: str | PurePath) -> PurePath:
     """The predictions file may be created or replaced: not a directory, parent usable."""
-    path = Path(output)
+    path = storage.location(output)
+    if isinstance(path, storage.ObjectPath):
+        from flows.object_store import check_output_object
+
+        return check_output_object(path)
     if path.is_dir():
         raise DataError("output is a directory; give a file name", path=path)
     parent = next((p for p in path.parents if p.exists()), Path("."))

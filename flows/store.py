@@ -24,14 +24,14 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import durable
+from flows import durable, object_store, storage
 from flows.config import DEFAULT_PROMOTE_TOLERANCE, Promote
 from flows.errors import DataError
 from flows.locks import exclusive_lock
@@ -77,8 +77,10 @@ def run_name(started_at: datetime, run_id: str) -> str:
     return f"{utc:%Y%m%dT%H%M%SZ}-{run_id.replace('-', '')[:8]}"
 
 
-def check_store(store: Path) -> None:
+def check_store(store: Path | storage.ObjectPath) -> None:
     """Refuse a directory that holds a flat output set (written before the store existed)."""
+    if isinstance(store, storage.ObjectPath):
+        return object_store.check_store(store)
     if any((store / name).exists() for name in FLAT_SET_NAMES):
         raise DataError(
             "holds a flat output set from an earlier lrflow, not a model store; move it aside "
@@ -121,7 +123,7 @@ class Latest:
         ).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, path: Path) -> "Latest":
+    def from_json(cls, raw: bytes, path: PurePath) -> "Latest":
         try:
             data = json.loads(raw)
             loss = data.get("validation_log_loss")
@@ -137,8 +139,10 @@ class Latest:
             raise DataError(f"not an lrflow latest.json ({error})", path=path) from None
 
 
-def read_latest(store: str | Path) -> Latest | None:
+def read_latest(store: str | PurePath) -> Latest | None:
     """The store's ``latest.json``, or None before any run was promoted."""
+    if isinstance(where := storage.location(store), storage.ObjectPath):
+        return object_store.read_latest(where)
     path = Path(store) / LATEST_NAME
     try:
         raw = path.read_bytes()
@@ -147,14 +151,17 @@ def read_latest(store: str | Path) -> Latest | None:
     return Latest.from_json(raw, path)
 
 
-def latest(store: str | Path) -> Path:
+def latest(store: str | PurePath) -> Path | storage.ObjectPath:
     """The directory of the store's promoted run, checked against its manifest.
 
     The consumer's entry point: reads ``latest.json``, then checks that the run's
     ``_SUCCESS`` is the one ``latest.json`` names (its checksum and run id) and
     that every file has the size and checksum the manifest records. Raises
-    DataError otherwise, or when no run has been promoted yet.
+    DataError otherwise, or when no run has been promoted yet. For a store in object
+    storage it returns the run's ``storage.ObjectPath``.
     """
+    if isinstance(where := storage.location(store), storage.ObjectPath):
+        return object_store.latest(where)
     store = Path(store)
     found = read_latest(store)
     if found is None:
@@ -168,15 +175,17 @@ def latest(store: str | Path) -> Path:
     return run_dir
 
 
-def resolve_model(model: str | Path) -> Path:
+def resolve_model(model: str | PurePath) -> Path | storage.ObjectPath:
     """A run directory for ``--model``: a store's promoted run, or the directory itself."""
+    if isinstance(where := storage.location(model), storage.ObjectPath):
+        return object_store.latest(where) if object_store.is_store(where) else where
     path = Path(model)
     if (path / LATEST_NAME).exists() or (path / RUNS_DIR).is_dir():
         return latest(path)
     return path
 
 
-def model_origin(run_dir: Path) -> dict[str, str | None]:
+def model_origin(run_dir: PurePath) -> dict[str, str | None]:
     """Which run (and store, if any) a model directory is: for the score outputs' metadata."""
     in_store = run_dir.parent.name == RUNS_DIR
     return {
@@ -185,8 +194,10 @@ def model_origin(run_dir: Path) -> dict[str, str | None]:
     }
 
 
-def read_history(store: str | Path) -> pa.Table:
+def read_history(store: str | PurePath) -> pa.Table:
     """``runs.parquet``: one row per finished run, newest last (empty before the first)."""
+    if isinstance(where := storage.location(store), storage.ObjectPath):
+        return object_store.read_history(where)
     path = Path(store) / HISTORY_NAME
     if not path.exists():
         return HISTORY_SCHEMA.empty_table()
@@ -377,15 +388,15 @@ def decide(
 class StoredRun:
     """What :func:`commit_run` did: where the run's set is, and whether it was promoted."""
 
-    store: Path
-    run_dir: Path
-    files: tuple[Path, ...]  # the set's files, then its _SUCCESS
+    store: PurePath  # a local Path, or a storage.ObjectPath
+    run_dir: PurePath
+    files: tuple[PurePath, ...]  # the set's files, then its _SUCCESS
     comparison: Comparison
     removed: tuple[str, ...]  # run directories removed by keep_runs
 
 
 def commit_run(
-    store: Path,
+    store: Path | storage.ObjectPath,
     files: Mapping[str, pa.Table | bytes],
     *,
     run_id: str,
@@ -397,7 +408,7 @@ def commit_run(
     promote: Promote = DEFAULT_PROMOTE,
     tolerance: float = DEFAULT_PROMOTE_TOLERANCE,
     keep_runs: int | None = None,
-    load_champion: Callable[[Path], Candidate] | None = None,
+    load_champion: Callable[[PurePath], Candidate] | None = None,
 ) -> StoredRun:
     """Add a finished run to ``store``: its output set, its history row, and maybe promote it.
 
@@ -408,8 +419,16 @@ def commit_run(
     the newest ``keep_runs`` run directories (never the promoted one).
     ``load_champion(run_dir) -> Candidate`` reads the current model (default:
     :func:`flows.scoring.load_model`). Repeating the call for the same ``run_id``
-    (a retried task) neither writes a second set nor a second row.
+    (a retried task) neither writes a second set nor a second row. A store in object
+    storage has no lock: see :mod:`flows.object_store`.
     """
+    if isinstance(store, storage.ObjectPath):
+        return object_store.commit_run(
+            store, files, run_id=run_id, started_at=started_at,
+            data_fingerprint=data_fingerprint, n_examples=n_examples, challenger=challenger,
+            rows=rows, promote=promote, tolerance=tolerance, keep_runs=keep_runs,
+            load_champion=load_champion,
+        )  # fmt: skip
     check_store(store)
     name = run_name(started_at, run_id)
     run_dir = store / RUNS_DIR / name
@@ -449,12 +468,12 @@ def commit_run(
 
 
 def _compare(
-    store: Path,
+    store: PurePath,
     challenger: Candidate,
     rows: ValidationRows | None,
     promote: Promote,
     tolerance: float,
-    load_champion: Callable[[Path], Candidate] | None,
+    load_champion: Callable[[PurePath], Candidate] | None,
 ) -> Comparison:
     current = read_latest(store)
     if current is None:
@@ -471,7 +490,7 @@ def _compare(
     return decide(promote, tolerance, challenger, rows, champion, champion_dir.name)
 
 
-def load_candidate(run_dir: Path) -> Candidate:
+def load_candidate(run_dir: PurePath) -> Candidate:
     """A run directory's model (:func:`flows.scoring.load_model`) as a :class:`Candidate`."""
     from flows.scoring import load_model  # scoring imports the data layer; only needed here
 
@@ -517,13 +536,15 @@ def _write_latest(store: Path, name: str, run_id: str, loss: float | None, reaso
     return found
 
 
-def recover_store(store: Path, *, locked: bool = False) -> None:
+def recover_store(store: Path | storage.ObjectPath, *, locked: bool = False) -> None:
     """Complete what a crash left in ``store``; safe at any time.
 
     Finishes interrupted removals and commits of run directories, deletes run
     directories a crash left without ``_SUCCESS``, and rolls ``latest.json``
     forward to the newest run that ``runs.parquet`` records as promoted.
     """
+    if isinstance(store, storage.ObjectPath):
+        return object_store.recover_store(store)
     if not locked:
         with exclusive_lock(store):
             recover_store(store, locked=True)
@@ -547,9 +568,13 @@ def recover_store(store: Path, *, locked: bool = False) -> None:
             )  # fmt: skip
 
 
-def prune(store: Path, keep_runs: int, *, locked: bool = False) -> tuple[str, ...]:
+def prune(
+    store: Path | storage.ObjectPath, keep_runs: int, *, locked: bool = False
+) -> tuple[str, ...]:
     """Remove the run directories of all but the newest ``keep_runs`` runs, never the
     promoted one; returns the names removed. Their rows in ``runs.parquet`` stay."""
+    if isinstance(store, storage.ObjectPath):
+        return object_store.prune(store, keep_runs)
     if not locked:
         with exclusive_lock(store):
             return prune(store, keep_runs, locked=True)

@@ -5,7 +5,6 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows import storage
 from flows.artifacts import (
     COST_CURVE_FILE,
     cost_curve_png,
@@ -291,7 +291,7 @@ def write_outputs(
     w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
     mapping = plan.label_mapping
     return commit_run(
-        Path(config.output),
+        storage.location(config.output),
         files,
         run_id=run_id,
         started_at=started_at,
@@ -356,7 +356,7 @@ def train(config: TrainConfig) -> TrainSummary:
     """Train logistic regression on Parquet data and write params, cost history and metrics."""
     logger = get_run_logger()
     logger.info("config: %s", config.model_dump_json())
-    check_store(Path(config.output))
+    check_store(storage.location(config.output))
     start_importing_matplotlib()  # for cost_history.png, overlapping the work below
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()

@@ -11,7 +11,7 @@ depend on where the sums ran (beyond float rounding).
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -80,9 +80,9 @@ class TrainingData(Protocol):
     @property
     def plan(self) -> FeaturePlan: ...
     @property
-    def files(self) -> tuple[Path, ...]: ...
+    def files(self) -> tuple[PurePath, ...]: ...
     @property
-    def validation_files(self) -> tuple[Path, ...]: ...
+    def validation_files(self) -> tuple[PurePath, ...]: ...
     @property
     def fingerprint(self) -> str: ...
     @property
@@ -260,8 +260,8 @@ class PiecewiseData:
     """
 
     plan: FeaturePlan
-    files: tuple[Path, ...]
-    validation_files: tuple[Path, ...]
+    files: tuple[PurePath, ...]
+    validation_files: tuple[PurePath, ...]
     fingerprint: str
     n_examples: int
     n_validation: int

@@ -2,7 +2,7 @@
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,8 +49,8 @@ class MemoryData:
     """:class:`flows.backends.TrainingData` held in memory."""
 
     plan: FeaturePlan
-    files: tuple[Path, ...]
-    validation_files: tuple[Path, ...]
+    files: tuple[PurePath, ...]
+    validation_files: tuple[PurePath, ...]
     fingerprint: str
     train: Rows
     held_out: Rows | None
