@@ -257,7 +257,7 @@ def share_sums(
         ``Σ s (softplus(z) - y z)`` and ``Σ dz`` over the share (``s = 1``
         unless ``weighted``).
     """
-    zero = u[0] * 0  # X's dtype (u has at least one element)
+    zero = u.dtype.type(0)  # accumulators in X's dtype within a block
     loss_sum = 0.0
     db_sum = 0.0
     for s in range(start, stop, block):
@@ -314,7 +314,7 @@ def block_curvature(
     product ``Xb diag(curvature) Xbᵀ`` (a BLAS call, while ``Xb`` is in cache).
     Other arguments and results as :func:`share_sums`.
     """
-    zero = u[0] * 0
+    zero = u.dtype.type(0)
     k = e - s
     _forward(X, neg_w, b, s, e, u)
     _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature)
