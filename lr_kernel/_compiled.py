@@ -52,6 +52,11 @@ _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
 # atanh(s) / s = Σ s^2j / (2j + 1), highest first: 12 terms, below 1e-17 relative
 # for |s| <= 0.172.
 _ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(11, -1, -1))
+# The element-wise loops may fuse a multiply and an add into one FMA (one
+# rounding instead of two, so no less accurate): the polynomials' chains then
+# take 4 cycles a step instead of 6, 1.5x faster. Nothing else of fastmath:
+# no reassociation, which could rewrite the polynomials or the sums.
+_CONTRACT = {"contract"}
 # Adding 1.5 * 2**52 rounds a double of magnitude < 2**51 to an integer, which
 # then sits in the low bits of the sum's representation.
 _ROUND = 6755399441055744.0
@@ -136,7 +141,7 @@ def _forward(X: Any, neg_w: Any, b: float, s: int, e: int, u: Any) -> None:
             u[j] += wi * r0[j]
 
 
-@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
 def _pointwise(u: Any, y: Any, s: int, k: int, losses: Any) -> None:
     """Per example: ``losses = softplus(Z) - Y Z``, and ``u`` becomes ``dZ``.
 
@@ -154,7 +159,7 @@ def _pointwise(u: Any, y: Any, s: int, k: int, losses: Any) -> None:
         u[j] = (1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj
 
 
-@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
 def _pointwise_weighted(u: Any, y: Any, weights: Any, s: int, k: int, losses: Any) -> None:
     """:func:`_pointwise` with row weights: ``losses = s ℓ`` and ``u`` becomes ``s (A - Y)``.
 
@@ -275,7 +280,7 @@ def share_sums(
     return loss_sum, db_sum
 
 
-@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
 def _pointwise_curvature(
     u: Any, y: Any, weights: Any, weighted: bool, s: int, k: int, losses: Any, curvature: Any
 ) -> None:
@@ -511,5 +516,8 @@ def share_sums_many(
 
 
 # The scalar functions above as ufuncs over float64 arrays, for tests.
-exp_nonpositive = nb.vectorize(["float64(float64)"], cache=True)(_exp_nonpositive.py_func)
-log1p_unit = nb.vectorize(["float64(float64)"], cache=True)(_log1p_unit.py_func)
+# Compiled with the element-wise loops' flags, so that the tests check what they run.
+exp_nonpositive = nb.vectorize(["float64(float64)"], fastmath=_CONTRACT, cache=True)(
+    _exp_nonpositive.py_func
+)
+log1p_unit = nb.vectorize(["float64(float64)"], fastmath=_CONTRACT, cache=True)(_log1p_unit.py_func)
