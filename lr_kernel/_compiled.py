@@ -5,9 +5,9 @@ holding the GIL to start, so its threads serialize and its blocks must be large
 (8 MiB, from the last-level cache) to amortize the calls. Here one call per
 thread walks all of that thread's blocks without the GIL, so the threads never
 wait for each other and blocks can be small enough to stay in a core's L2
-cache between the two passes over them. At 1M x 100 float64 on 2 cores that is
-29-36 ms per iteration against 43-61 ms, and 82-88% of the median time of one
-read of ``X`` (``benchmarks/RESULTS.md``).
+cache between the two passes over them. At 1M x 100 on 2 cores that is
+1.4-1.7x the NumPy engine, and 52-69% (float64) and 63-65% (float32) of the
+speed of one all-core read of ``X`` (``benchmarks/RESULTS.md``, issue 14).
 
 Per block of examples ``[s, e)``, with ``U = -Z``::
 
@@ -23,6 +23,10 @@ element-wise step (a loop of its own, so the unweighted one is unchanged).
 within 1 and 3 ulp of libm's over the whole range used) because LLVM vectorizes
 the loop only when no library call is left in it; with libm's scalar calls the
 element-wise step alone costs more than reading ``X``.
+
+:func:`share_sums_many` is the same pass for ``K`` models
+(:class:`lr_kernel.FusedLossMany`): per block both products for every model
+while the block is in cache, so ``X`` is read from memory once for all of them.
 
 Importing this module imports numba and defines the kernels; each dtype is
 compiled on first use and cached on disk (``cache=True``).
