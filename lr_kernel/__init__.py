@@ -25,8 +25,8 @@ Conventions
 ``LogisticRegressionGD`` (scikit-learn's estimator API, needs ``lrflow[sklearn]``)
 is importable from here but loaded on first use, so that ``import lr_kernel``
 never imports scikit-learn. Likewise numba is imported only by a
-:class:`FusedLoss` that runs the compiled engine (``engine="numba"``, or
-``"auto"`` on large data with several threads).
+:class:`FusedLoss` or :class:`FusedLossMany` that runs the compiled engine
+(``engine="numba"``, or ``"auto"`` on large data with several threads).
 """
 
 from typing import Any

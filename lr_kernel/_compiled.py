@@ -5,9 +5,9 @@ holding the GIL to start, so its threads serialize and its blocks must be large
 (8 MiB, from the last-level cache) to amortize the calls. Here one call per
 thread walks all of that thread's blocks without the GIL, so the threads never
 wait for each other and blocks can be small enough to stay in a core's L2
-cache between the two passes over them. At 1M x 100 float64 on 2 cores that is
-29-36 ms per iteration against 43-61 ms, and 82-88% of the median time of one
-read of ``X`` (``benchmarks/RESULTS.md``).
+cache between the two passes over them. At 1M x 100 on 2 cores that is
+1.4-1.7x the NumPy engine, and 52-69% (float64) and 63-65% (float32) of the
+speed of one all-core read of ``X`` (``benchmarks/RESULTS.md``, issue 14).
 
 Per block of examples ``[s, e)``, with ``U = -Z``::
 
@@ -23,6 +23,10 @@ element-wise step (a loop of its own, so the unweighted one is unchanged).
 within 1 and 3 ulp of libm's over the whole range used) because LLVM vectorizes
 the loop only when no library call is left in it; with libm's scalar calls the
 element-wise step alone costs more than reading ``X``.
+
+:func:`share_sums_many` is the same pass for ``K`` models
+(:class:`lr_kernel.FusedLossMany`): per block both products for every model
+while the block is in cache, so ``X`` is read from memory once for all of them.
 
 Importing this module imports numba and defines the kernels; each dtype is
 compiled on first use and cached on disk (``cache=True``).
@@ -52,6 +56,11 @@ _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
 # atanh(s) / s = Σ s^2j / (2j + 1), highest first: 12 terms, below 1e-17 relative
 # for |s| <= 0.172.
 _ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(11, -1, -1))
+# The element-wise loops may fuse a multiply and an add into one FMA (one
+# rounding instead of two, so no less accurate): the polynomials' chains then
+# take 4 cycles a step instead of 6, 1.5x faster. Nothing else of fastmath:
+# no reassociation, which could rewrite the polynomials or the sums.
+_CONTRACT = {"contract"}
 # Adding 1.5 * 2**52 rounds a double of magnitude < 2**51 to an integer, which
 # then sits in the low bits of the sum's representation.
 _ROUND = 6755399441055744.0
@@ -136,7 +145,7 @@ def _forward(X: Any, neg_w: Any, b: float, s: int, e: int, u: Any) -> None:
             u[j] += wi * r0[j]
 
 
-@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
 def _pointwise(u: Any, y: Any, s: int, k: int, losses: Any) -> None:
     """Per example: ``losses = softplus(Z) - Y Z``, and ``u`` becomes ``dZ``.
 
@@ -154,7 +163,7 @@ def _pointwise(u: Any, y: Any, s: int, k: int, losses: Any) -> None:
         u[j] = (1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj
 
 
-@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
 def _pointwise_weighted(u: Any, y: Any, weights: Any, s: int, k: int, losses: Any) -> None:
     """:func:`_pointwise` with row weights: ``losses = s ℓ`` and ``u`` becomes ``s (A - Y)``.
 
@@ -257,7 +266,7 @@ def share_sums(
         ``Σ s (softplus(z) - y z)`` and ``Σ dz`` over the share (``s = 1``
         unless ``weighted``).
     """
-    zero = u[0] * 0  # X's dtype (u has at least one element)
+    zero = u.dtype.type(0)  # accumulators in X's dtype within a block
     loss_sum = 0.0
     db_sum = 0.0
     for s in range(start, stop, block):
@@ -275,7 +284,7 @@ def share_sums(
     return loss_sum, db_sum
 
 
-@nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
 def _pointwise_curvature(
     u: Any, y: Any, weights: Any, weighted: bool, s: int, k: int, losses: Any, curvature: Any
 ) -> None:
@@ -314,7 +323,7 @@ def block_curvature(
     product ``Xb diag(curvature) Xbᵀ`` (a BLAS call, while ``Xb`` is in cache).
     Other arguments and results as :func:`share_sums`.
     """
-    zero = u[0] * 0
+    zero = u.dtype.type(0)
     k = e - s
     _forward(X, neg_w, b, s, e, u)
     _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature)
@@ -323,6 +332,196 @@ def block_curvature(
     return loss_sum, db_sum
 
 
+@nb.njit(inline="always", nogil=True, boundscheck=False, cache=True)
+def _add8(
+    out: Any, i: int, a0: Any, a1: Any, a2: Any, a3: Any, a4: Any, a5: Any, a6: Any, a7: Any
+) -> None:
+    """``out[i:i+8] += (a0, ..., a7)``."""
+    out[i] += a0
+    out[i + 1] += a1
+    out[i + 2] += a2
+    out[i + 3] += a3
+    out[i + 4] += a4
+    out[i + 5] += a5
+    out[i + 6] += a6
+    out[i + 7] += a7
+
+
+@nb.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)
+def _forward_many(X: Any, neg_WT: Any, b: Any, s: int, e: int, U: Any) -> None:
+    """``U[c, :e-s] = -(W[:, c]ᵀ X[:, s:e] + b[c])`` for each model ``c`` of ``neg_WT``.
+
+    Eight rows of the block per step, and every model's sweep of its ``U`` row
+    while those rows are in L1: the block is read from memory once for all
+    models. Models go in pairs, so that each element of ``X`` loaded feeds two
+    multiply-adds (one per model loads as many values as it multiplies, and the
+    loads set the pace: 1.6x slower).
+    """
+    n = X.shape[0]
+    K = neg_WT.shape[0]
+    k = e - s
+    n8 = n - n % 8
+    for c in range(K):
+        u = U[c]
+        bc = b[c]
+        for j in range(k):
+            u[j] = -bc
+    for i in range(0, n8, 8):
+        r0, r1, r2, r3 = X[i, s:e], X[i + 1, s:e], X[i + 2, s:e], X[i + 3, s:e]
+        r4, r5, r6, r7 = X[i + 4, s:e], X[i + 5, s:e], X[i + 6, s:e], X[i + 7, s:e]
+        for c in range(0, K - 1, 2):
+            v, q = neg_WT[c], neg_WT[c + 1]
+            w0, w1, w2, w3 = v[i], v[i + 1], v[i + 2], v[i + 3]
+            w4, w5, w6, w7 = v[i + 4], v[i + 5], v[i + 6], v[i + 7]
+            p0, p1, p2, p3 = q[i], q[i + 1], q[i + 2], q[i + 3]
+            p4, p5, p6, p7 = q[i + 4], q[i + 5], q[i + 6], q[i + 7]
+            u, t = U[c], U[c + 1]
+            for j in range(k):
+                x0, x1, x2, x3 = r0[j], r1[j], r2[j], r3[j]
+                x4, x5, x6, x7 = r4[j], r5[j], r6[j], r7[j]
+                u[j] += (w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3) + (
+                    w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7
+                )
+                t[j] += (p0 * x0 + p1 * x1 + p2 * x2 + p3 * x3) + (
+                    p4 * x4 + p5 * x5 + p6 * x6 + p7 * x7
+                )
+        if K % 2:
+            v = neg_WT[K - 1]
+            w0, w1, w2, w3 = v[i], v[i + 1], v[i + 2], v[i + 3]
+            w4, w5, w6, w7 = v[i + 4], v[i + 5], v[i + 6], v[i + 7]
+            u = U[K - 1]
+            for j in range(k):
+                u[j] += (w0 * r0[j] + w1 * r1[j] + w2 * r2[j] + w3 * r3[j]) + (
+                    w4 * r4[j] + w5 * r5[j] + w6 * r6[j] + w7 * r7[j]
+                )
+    for i in range(n8, n):
+        r0 = X[i, s:e]
+        for c in range(K):
+            wi = neg_WT[c, i]
+            u = U[c]
+            for j in range(k):
+                u[j] += wi * r0[j]
+
+
+@nb.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)
+def _backward_many(X: Any, s: int, e: int, dZ: Any, K: int, zero: Any, dW: Any) -> None:
+    """``dW[c] += X[:, s:e] @ dZ[c, :e-s]`` for ``c < K``, eight rows per step.
+
+    Accumulators as :func:`_backward`'s: ``X``'s dtype within the block,
+    float64 across blocks in ``dW`` of shape ``(K, n)``. Models in pairs, as in
+    :func:`_forward_many`.
+    """
+    n = X.shape[0]
+    k = e - s
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        r0, r1, r2, r3 = X[i, s:e], X[i + 1, s:e], X[i + 2, s:e], X[i + 3, s:e]
+        r4, r5, r6, r7 = X[i + 4, s:e], X[i + 5, s:e], X[i + 6, s:e], X[i + 7, s:e]
+        for c in range(0, K - 1, 2):
+            dz, dq = dZ[c], dZ[c + 1]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+            b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = zero
+            for j in range(k):
+                d, g = dz[j], dq[j]
+                x0, x1, x2, x3 = r0[j], r1[j], r2[j], r3[j]
+                x4, x5, x6, x7 = r4[j], r5[j], r6[j], r7[j]
+                a0 += x0 * d
+                a1 += x1 * d
+                a2 += x2 * d
+                a3 += x3 * d
+                a4 += x4 * d
+                a5 += x5 * d
+                a6 += x6 * d
+                a7 += x7 * d
+                b0 += x0 * g
+                b1 += x1 * g
+                b2 += x2 * g
+                b3 += x3 * g
+                b4 += x4 * g
+                b5 += x5 * g
+                b6 += x6 * g
+                b7 += x7 * g
+            _add8(dW[c], i, a0, a1, a2, a3, a4, a5, a6, a7)
+            _add8(dW[c + 1], i, b0, b1, b2, b3, b4, b5, b6, b7)
+        if K % 2:
+            dz = dZ[K - 1]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+            for j in range(k):
+                d = dz[j]
+                a0 += r0[j] * d
+                a1 += r1[j] * d
+                a2 += r2[j] * d
+                a3 += r3[j] * d
+                a4 += r4[j] * d
+                a5 += r5[j] * d
+                a6 += r6[j] * d
+                a7 += r7[j] * d
+            _add8(dW[K - 1], i, a0, a1, a2, a3, a4, a5, a6, a7)
+    for i in range(n8, n):
+        r0 = X[i, s:e]
+        for c in range(K):
+            dz = dZ[c]
+            a0 = zero
+            for j in range(k):
+                a0 += r0[j] * dz[j]
+            dW[c, i] += a0
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def share_sums_many(
+    X: Any,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_WT: Any,
+    b: Any,
+    start: int,
+    stop: int,
+    block: int,
+    U: Any,
+    losses: Any,
+    loss_sum: Any,
+    db_sum: Any,
+    dW: Any,
+) -> None:
+    """:func:`share_sums` for ``K`` models: one thread's share, block by block.
+
+    Per block, both products for every model while the block is in cache:
+    :func:`_forward_many`, then per model the element-wise step of
+    :func:`share_sums` on its row of ``U``, then :func:`_backward_many`.
+
+    Parameters
+    ----------
+    X, y, weights, weighted, start, stop, block : as :func:`share_sums`
+    neg_WT : ndarray (K, n), ``X``'s dtype, ``-Wᵀ``
+    b : ndarray (K,), ``X``'s dtype, the intercepts
+    U : ndarray (K', block), ``X``'s dtype, ``K' >= K``, scratch
+    losses : ndarray (block,), float64, scratch
+    loss_sum, db_sum : ndarray (K,), float64, zeroed by the caller; receive
+        ``Σ s (softplus(z) - y z)`` and ``Σ dz`` per model
+    dW : ndarray (K, n), float64, zeroed by the caller; receives ``(X dZᵀ)ᵀ``
+    """
+    K = neg_WT.shape[0]
+    zero = U.dtype.type(0)  # X's dtype
+    for s in range(start, stop, block):
+        e = min(s + block, stop)
+        k = e - s
+        _forward_many(X, neg_WT, b, s, e, U)
+        for c in range(K):
+            u = U[c]
+            if weighted:
+                _pointwise_weighted(u, y, weights, s, k, losses)
+            else:
+                _pointwise(u, y, s, k, losses)
+            block_loss, block_db = _sums(losses, u, k)
+            loss_sum[c] += block_loss
+            db_sum[c] += block_db
+        _backward_many(X, s, e, U, K, zero, dW)
+
+
 # The scalar functions above as ufuncs over float64 arrays, for tests.
-exp_nonpositive = nb.vectorize(["float64(float64)"], cache=True)(_exp_nonpositive.py_func)
-log1p_unit = nb.vectorize(["float64(float64)"], cache=True)(_log1p_unit.py_func)
+# Compiled with the element-wise loops' flags, so that the tests check what they run.
+exp_nonpositive = nb.vectorize(["float64(float64)"], fastmath=_CONTRACT, cache=True)(
+    _exp_nonpositive.py_func
+)
+log1p_unit = nb.vectorize(["float64(float64)"], fastmath=_CONTRACT, cache=True)(_log1p_unit.py_func)

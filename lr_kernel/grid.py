@@ -5,12 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from lr_kernel.convergence import StopReason, StopRule, gradient_max
-from lr_kernel.loss import MAX_BLOCK, MIN_BLOCK, BlockedPass, FloatArray
+from lr_kernel.loss import (
+    MAX_BLOCK,
+    MIN_BLOCK,
+    BlockedPass,
+    Engine,
+    FloatArray,
+    resolve_engine,
+)
 from lr_kernel.train import OPTIMIZERS, SEARCHING, FitResult, Optimizer, fit
 
 # Bytes of X in one block, half FusedLoss's: the second GEMM, which reads the
@@ -21,6 +29,11 @@ GRID_BLOCK_BYTES = 4 * 2**20
 # between the GEMMs walk it about eight times per block.
 SCRATCH_BYTES = 2 * 2**20
 
+# The compiled engine's blocks: eight rows of a block, what one step of its
+# loops holds while it sweeps every model, fill about this much of a core's L1
+# cache (32 KiB here); the whole block stays in L2 for the backward products.
+COMPILED_GRID_ROWS_BYTES = 16 * 2**10
+
 Values = float | Sequence[float] | NDArray[np.floating]
 
 
@@ -29,6 +42,12 @@ def grid_block_size(n_features: int, n_models: int, dtype: np.dtype[np.floating]
     by_x = GRID_BLOCK_BYTES // max(1, n_features * dtype.itemsize)
     by_scratch = SCRATCH_BYTES // max(1, n_models * dtype.itemsize)
     return int(min(MAX_BLOCK, max(MIN_BLOCK, min(by_x, by_scratch) // 256 * 256)))
+
+
+def compiled_grid_block_size(n_features: int, dtype: np.dtype[np.floating]) -> int:
+    """Examples per block of the compiled many-model engine: eight rows in ~16 KiB."""
+    examples = COMPILED_GRID_ROWS_BYTES // (8 * dtype.itemsize)
+    return int(max(64, examples // 64 * 64))
 
 
 class FusedLossMany(BlockedPass):
@@ -61,13 +80,22 @@ class FusedLossMany(BlockedPass):
     n_threads : int, default 1
         As for :class:`~lr_kernel.FusedLoss`: more than one only where BLAS is
         limited to one thread.
+    engine : {"auto", "numpy", "numba"}, default "auto"
+        ``"numpy"``: the two GEMMs per block above, with NumPy's element-wise
+        calls between them. ``"numba"``: one compiled loop per thread
+        (:func:`lr_kernel._compiled.share_sums_many`) over blocks of
+        :func:`compiled_grid_block_size`: per block, ``U`` of every model, the
+        element-wise step, then ``Xb dZᵀ`` of every model, the block's rows
+        taken eight at a time and the models two at a time while those rows
+        are in L1. ``"auto"``: as :func:`~lr_kernel.loss.resolve_engine` decides
+        for one model. The chosen one is ``self.engine``.
 
     Notes
     -----
     One instance serves one caller at a time. Results are bitwise reproducible
-    for a given ``block_size``, ``n_threads`` and set of models passed; they
-    equal :class:`~lr_kernel.FusedLoss`'s per model up to float rounding (the
-    GEMM sums in another order than the GEMV).
+    for a given ``engine``, ``block_size``, ``n_threads`` and set of models
+    passed; they equal :class:`~lr_kernel.FusedLoss`'s per model up to float
+    rounding (the products sum in another order).
     """
 
     def __init__(
@@ -79,19 +107,39 @@ class FusedLossMany(BlockedPass):
         sample_weight: FloatArray | None = None,
         block_size: int | None = None,
         n_threads: int = 1,
+        engine: Engine = "auto",
     ) -> None:
         if n_models < 1:
             raise ValueError(f"n_models must be >= 1, got {n_models}")
+        self.engine = resolve_engine(engine, X, n_threads)
+        compiled = self.engine == "numba"
         super().__init__(
             X,
             Y,
             block_size,
             n_threads,
-            lambda n, dtype: grid_block_size(n, n_models, dtype),
+            (lambda n, dtype: compiled_grid_block_size(n, dtype))
+            if compiled
+            else (lambda n, dtype: grid_block_size(n, n_models, dtype)),
             sample_weight,
         )
         self.n_models = n_models
         n, block = self.n_features, self.block_size
+        self._compiled_share: Any = None
+        self._compiled_scratch: list[tuple[FloatArray, NDArray[np.float64]]] = []
+        self._scratch: list[tuple[FloatArray, ...]] = []
+        if compiled:
+            from lr_kernel._compiled import share_sums_many  # imports numba
+
+            self._compiled_share = share_sums_many
+            # Per thread: U, then dZ, of every model, and one model's losses.
+            self._compiled_scratch = [
+                (np.empty((n_models, block), X.dtype), np.empty(block, np.float64))
+                for _ in self._shares
+            ]
+            # Unweighted calls pass this, unread, where the weights would go.
+            self._no_weights = np.ones(1, X.dtype)
+            return
         # Flat buffers: the first K * k elements reshape to a contiguous (K, k),
         # whatever K a call brings.
         self._scratch = [
@@ -132,7 +180,8 @@ class FusedLossMany(BlockedPass):
             raise ValueError(f"W must have shape ({n}, K <= {self.n_models}), got {W.shape}")
         neg_WT = np.ascontiguousarray(-W.T, dtype=self.dtype)  # (K, n)
         b_column = np.asarray(b, dtype=self.dtype).reshape(K, 1)  # (K, 1)
-        partials = self._map_shares(lambda k: self._sum_blocks(k, neg_WT, b_column))
+        blocks = self._sum_blocks if self._compiled_share is None else self._compiled_blocks
+        partials = self._map_shares(lambda k: blocks(k, neg_WT, b_column))
         # Summed in share order whatever the threads' timing: reproducible bits.
         loss_sum, dW_sum, db_sum = (p.copy() for p in partials[0])
         for p in partials[1:]:
@@ -145,6 +194,34 @@ class FusedLossMany(BlockedPass):
         cost = (loss_sum + 0.5 * l2_64 * np.einsum("ij,ij->j", W64, W64)) / total  # (K,)
         dW = dW_sum / total + (l2_64 / total) * W64  # (n, K)
         return cost, dW.astype(self.dtype, copy=False), db_sum / total
+
+    def _compiled_blocks(
+        self, share: int, neg_WT: FloatArray, b_column: FloatArray
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """:meth:`_sum_blocks` by the compiled engine: one call for the whole share."""
+        K, n = neg_WT.shape
+        starts = self._shares[share]
+        U, losses = self._compiled_scratch[share]
+        loss_sum = np.zeros(K, dtype=np.float64)
+        db_sum = np.zeros(K, dtype=np.float64)
+        dW_T = np.zeros((K, n), dtype=np.float64)  # (K, n): each model's row contiguous
+        self._compiled_share(
+            self.X,
+            self.y,
+            self._no_weights if self.s is None else self.s,
+            self.s is not None,
+            neg_WT,
+            b_column.reshape(K),
+            starts[0],
+            min(starts[-1] + self.block_size, self.n_examples),
+            self.block_size,
+            U,
+            losses,
+            loss_sum,
+            db_sum,
+            dW_T,
+        )
+        return loss_sum, dW_T.T, db_sum
 
     def _sum_blocks(
         self, share: int, neg_WT: FloatArray, b_column: FloatArray
@@ -304,6 +381,7 @@ def fit_many(
     optimizer: Optimizer = "gd",
     block_size: int | None = None,
     n_threads: int = 1,
+    engine: Engine = "auto",
     sample_weight: FloatArray | None = None,
 ) -> GridFitResult:
     """Train the grid of every ``l2`` times every learning rate, together on the same ``X``.
@@ -315,7 +393,7 @@ def fit_many(
     already stopped.
 
     With ``"gd"`` and ``"nesterov"`` each iteration is one call of
-    :class:`FusedLossMany` on the candidates still running, so ``X`` is read
+    :class:`FusedLossMany` (with this ``engine``) on the candidates still running, so ``X`` is read
     once per iteration for all of them, and each candidate's parameters equal a
     single :func:`lr_kernel.fit` with its values up to float rounding. A
     candidate that meets the stop rule (:class:`~lr_kernel.convergence.StopRule`,
@@ -369,6 +447,7 @@ def fit_many(
             optimizer=optimizer,
             block_size=block_size,
             n_threads=n_threads,
+            engine=engine,
             sample_weight=sample_weight,
         )
 
@@ -387,7 +466,13 @@ def fit_many(
             raise ValueError(f"w0 must have shape ({n}, 1), got {w0.shape}")
         W[:] = w0
     loss = FusedLossMany(
-        X, Y, n_models=K, sample_weight=sample_weight, block_size=block_size, n_threads=n_threads
+        X,
+        Y,
+        n_models=K,
+        sample_weight=sample_weight,
+        block_size=block_size,
+        n_threads=n_threads,
+        engine=engine,
     )
     return _descent_many(loss, W, float(b0), l2_values, rates, iterations, tol, optimizer, callback)
 

@@ -258,8 +258,8 @@ def fit(
         backtracking line search. ``"auto"``: ``"newton"`` up to
         ``NEWTON_MAX_FEATURES`` features, else ``"lbfgs"``
         (:func:`resolve_optimizer`). The last three ignore ``learning_rate``.
-    block_size, n_threads, engine : see :class:`~lr_kernel.FusedLoss` (``engine``
-        applies to one model; a grid always runs NumPy's blocked GEMMs).
+    block_size, n_threads, engine : see :class:`~lr_kernel.FusedLoss` (and
+        :class:`~lr_kernel.FusedLossMany` for a grid's).
     sample_weight : ndarray of shape (1, n_examples), optional
         Row weights ``s`` (finite, >= 0): the objective becomes
         ``(Σ s ℓ + (l2/2) ||w||²) / Σs``, whose minimizer is scikit-learn's

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+import lr_kernel.loss as loss_module
 from lr_kernel import (
     FitResult,
     FusedLoss,
@@ -14,6 +15,7 @@ from lr_kernel import (
     fit_many,
     grid_candidates,
 )
+from lr_kernel.reference import loss_and_gradients_loop
 from tests.test_fast_kernel import make_problem
 
 # The GEMM sums X dZᵀ in another order than the GEMV: parameters agree to
@@ -71,6 +73,69 @@ def test_float32_many_models_match_float64_to_float32_rounding():
         assert db[k] == pytest.approx(ref[2], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(("n", "K"), [(3, 1), (9, 2), (17, 5)])
+def test_compiled_many_models_equal_the_loop_formula(dtype, weighted, n, K):
+    # n around the eight rows, K around the two models, the compiled loops take
+    # per step; blocks of 128 and a short last one; two threads.
+    m = 700
+    X, Y = make_problem(n=n, m=m, seed=n + K, dtype=dtype)
+    rng = np.random.default_rng(K)
+    W = (rng.normal(size=(n, K)) * 2).astype(dtype)
+    b = rng.normal(size=K)
+    l2 = rng.uniform(0, 2, size=K)
+    weights = rng.uniform(0, 3, size=(1, m)) if weighted else None
+    loss = FusedLossMany(
+        X, Y, n_models=K + 1, sample_weight=weights, block_size=128, n_threads=2, engine="numba"
+    )
+    assert loss.engine == "numba"
+    cost, dW, db = loss(W, b, l2)
+    assert dW.dtype == dtype and dW.shape == (n, K)
+    numpy_pass = FusedLossMany(X, Y, n_models=K, sample_weight=weights, engine="numpy")(W, b, l2)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for k in range(K):
+        ref_cost, ref_dw, ref_db = loss_and_gradients_loop(
+            X.astype(np.float64), Y.astype(np.float64), W[:, k : k + 1].astype(np.float64),
+            float(b[k]), float(l2[k]), sample_weight=weights,
+        )  # fmt: skip
+        assert cost[k] == pytest.approx(ref_cost, rel=rtol)
+        np.testing.assert_allclose(dW[:, k : k + 1], ref_dw, rtol=rtol, atol=rtol)
+        assert db[k] == pytest.approx(ref_db, rel=rtol, abs=rtol)
+    np.testing.assert_allclose(cost, numpy_pass[0], rtol=rtol)
+    np.testing.assert_allclose(dW, numpy_pass[1], rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(db, numpy_pass[2], rtol=rtol, atol=rtol)
+    # Bitwise reproducible from call to call.
+    again = loss(W, b, l2)
+    for got, first in zip(again, (cost, dW, db), strict=True):
+        np.testing.assert_array_equal(got, first)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_many_models_keep_extreme_scores_exact(dtype):
+    rng = np.random.default_rng(4)
+    X = rng.choice([-1.0, 1.0], size=(2, 50)) * rng.uniform(0, 2500, size=(2, 50))
+    X = X.astype(dtype)
+    Y = (rng.random((1, 50)) < 0.5).astype(dtype)
+    W = np.array([[1.0, 0.0, -1.0], [1.0, 0.001, 0.5]], dtype=dtype)
+    weights = rng.uniform(0.5, 2, size=(1, 50))
+    loss = FusedLossMany(X, Y, n_models=3, block_size=7, engine="numba", sample_weight=weights)
+    cost, dW, db = loss(W, np.zeros(3), np.zeros(3))
+    Z = W.astype(np.float64).T @ X.astype(np.float64)  # (3, m)
+    exact = (np.logaddexp(0.0, Z) - Y * Z) @ weights.T / weights.sum()  # (3, 1)
+    np.testing.assert_allclose(cost, exact.ravel(), rtol=1e-12 if dtype == np.float64 else 1e-6)
+    assert np.all(np.isfinite(dW)) and np.all(np.isfinite(db))
+
+
+def test_auto_runs_many_models_compiled_where_one_model_would(monkeypatch):
+    X, Y = make_problem(n=4, m=1_000, seed=7)
+    monkeypatch.setattr(loss_module, "COMPILED_MIN_ELEMENTS", 4_000)
+    assert FusedLossMany(X, Y, n_models=3, n_threads=2).engine == "numba"
+    assert FusedLossMany(X, Y, n_models=3, n_threads=1).engine == "numpy"
+    assert FusedLossMany(X[:, :999], Y[:, :999], n_models=3, n_threads=2).engine == "numpy"
+    assert FusedLossMany(X, Y, n_models=3, n_threads=2, engine="numpy").engine == "numpy"
+
+
 def test_candidates_are_every_l2_with_every_learning_rate():
     l2, rates = grid_candidates([0.0, 1.0, 10.0], [0.1, 1.0])
     assert l2.tolist() == [0.0, 0.0, 1.0, 1.0, 10.0, 10.0]
@@ -105,6 +170,27 @@ def test_each_candidate_equals_its_own_fit_while_others_stop(optimizer):
     assert grid.stop_reason.count("diverged") == 3
     assert set(grid.stop_reason[k] for k in range(9) if grid.learning_rate[k] < 1) == {"iterations"}
     _assert_equals_single_fits(grid, X, Y, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_candidates_equal_their_own_fits(dtype):
+    X, Y = make_problem(n=11, m=3000, seed=16, dtype=dtype)
+    weights = np.random.default_rng(17).uniform(0.2, 2.0, size=(1, 3000))
+    kwargs = {
+        "iterations": 40, "block_size": 256, "n_threads": 2, "engine": "numba",
+        "sample_weight": weights,
+    }  # fmt: skip
+    grid = fit_many(X, Y, l2=[0.0, 0.3, 3.0], learning_rate=[0.2, 1.0], **kwargs)
+    if dtype == np.float64:
+        _assert_equals_single_fits(grid, X, Y, **kwargs)
+        return
+    # float32: the products sum in another order than the single model's, so
+    # candidates agree with single fits to float32 rounding.
+    for k in range(len(grid)):
+        rate, l2 = float(grid.learning_rate[k]), float(grid.l2[k])
+        single = fit(X, Y, learning_rate=rate, l2=l2, **kwargs)
+        np.testing.assert_allclose(grid.w[:, k : k + 1], single.w, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(grid.cost_history[k], single.cost_history, rtol=1e-6)
 
 
 def test_tolerance_stops_each_candidate_at_its_own_iteration():
