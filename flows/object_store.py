@@ -25,6 +25,7 @@ deployment's concurrency limit of 1 does) to keep every row.
 """
 
 import hashlib
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -118,14 +119,31 @@ def check_store(store: ObjectPath) -> None:
         )
 
 
+# Reads of latest.json that may meet a concurrent replacement (see read_latest).
+LATEST_READS = 5
+
+
 def read_latest(store: ObjectPath) -> "Latest | None":
+    """The store's ``latest.json``, or None.
+
+    A PUT replaces an object atomically, but a read is a HEAD (the size) and a
+    ranged GET: a replacement between the two returns a prefix of the new object
+    (measured against moto with two writers). Such a torn read does not parse;
+    reading again gets one whole version.
+    """
     from flows.store import LATEST_NAME, Latest
 
     path = store / LATEST_NAME
-    try:
-        return Latest.from_json(storage.read_bytes(path), path)
-    except FileNotFoundError:
-        return None
+    for attempt in range(LATEST_READS):
+        try:
+            return Latest.from_json(storage.read_bytes(path), path)
+        except FileNotFoundError:
+            return None
+        except DataError:
+            if attempt == LATEST_READS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
 
 
 def latest(store: ObjectPath) -> ObjectPath:
@@ -156,11 +174,18 @@ def read_history(store: ObjectPath) -> pa.Table:
     from flows.store import HISTORY_NAME, HISTORY_SCHEMA
 
     path = store / HISTORY_NAME
-    try:
-        raw = storage.read_bytes(path)
-    except FileNotFoundError:
-        return HISTORY_SCHEMA.empty_table()
-    return pq.read_table(pa.BufferReader(raw)).cast(HISTORY_SCHEMA)
+    for attempt in range(LATEST_READS):  # a torn read, as for latest.json: read again
+        try:
+            raw = storage.read_bytes(path)
+        except FileNotFoundError:
+            return HISTORY_SCHEMA.empty_table()
+        try:
+            return pq.read_table(pa.BufferReader(raw)).cast(HISTORY_SCHEMA)
+        except pa.ArrowException:
+            if attempt == LATEST_READS - 1:
+                raise DataError("not a readable runs.parquet", path=path) from None
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _write_latest(

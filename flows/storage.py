@@ -346,14 +346,22 @@ def exists(path: ObjectPath) -> bool:
 
 
 def delete_file(path: ObjectPath) -> None:
+    """Remove one object. One already gone is no error: S3's DELETE is idempotent, and two
+    writers pruning one store may both remove the same run (there is no lock on S3)."""
     with translated(path, "cannot delete"):
-        s3().delete_file(path.key_path)
+        try:
+            s3().delete_file(path.key_path)
+        except FileNotFoundError:
+            return
 
 
 def delete_prefix(prefix: ObjectPath) -> None:
-    """Remove every object below ``prefix``."""
+    """Remove every object below ``prefix`` (none left is no error, as for one object)."""
     with translated(prefix, "cannot delete"):
-        s3().delete_dir(prefix.key_path)
+        try:
+            s3().delete_dir(prefix.key_path)
+        except FileNotFoundError:
+            return
 
 
 @contextmanager

@@ -411,6 +411,7 @@ def test_kill_9_at_random_moments_leaves_latest_complete_and_the_history_readabl
             subprocess.Popen(
                 [sys.executable, "-c", WRITER, str(store), str(10 * round_ + j)],
                 stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=env,
                 cwd=ROOT,
             )
@@ -422,7 +423,9 @@ def test_kill_9_at_random_moments_leaves_latest_complete_and_the_history_readabl
             time.sleep(rng.uniform(0.5, 3.0))  # a commit is ~20 requests: ~0.1-0.3 s
             writer.send_signal(signal.SIGKILL)
         for writer in writers:
-            assert writer.wait(timeout=30) == -signal.SIGKILL
+            status = writer.wait(timeout=30)
+            assert writer.stderr is not None
+            assert status == -signal.SIGKILL, writer.stderr.read().decode()[-3000:]
         history = read_history(store)  # whole: a torn object would not parse
         if n_writers == 1:
             assert history.num_rows >= seen_rows  # no row is lost
