@@ -443,18 +443,8 @@ def commit_run(
             existing = read_manifest(run_dir) if run_dir.is_dir() else None
             if existing is None or existing.run_id != run_id:  # else a retry wrote it
                 write_output_set(run_dir, files, run_id=run_id)
-            row = {
-                "run": name,
-                "run_id": run_id,
-                "started_at": started_at,
-                "finished_at": datetime.now(timezone.utc),
-                "data_fingerprint": data_fingerprint,
-                "n_examples": n_examples,
-                "validation_log_loss": comparison.challenger_log_loss,
-                "promoted": comparison.promoted,
-                "reason": comparison.reason,
-            }
-            _write_history(store, pa.concat_tables([history, _history_row(row)]))
+            row = _history_row(name, run_id, started_at, data_fingerprint, n_examples, comparison)
+            _write_history(store, pa.concat_tables([history, row]))
             if comparison.promoted:
                 _write_latest(
                     store, name, run_id, comparison.challenger_log_loss, comparison.reason
@@ -514,8 +504,27 @@ def _recorded(history: pa.Table, run_id: str, promote: Promote, tolerance: float
     )
 
 
-def _history_row(row: Mapping[str, Any]) -> pa.Table:
-    return pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA)
+def _history_row(
+    name: str,
+    run_id: str,
+    started_at: datetime,
+    data_fingerprint: str,
+    n_examples: int,
+    comparison: Comparison,
+) -> pa.Table:
+    """A finished run's row of ``runs.parquet`` (local and object-store stores alike)."""
+    row = {
+        "run": name,
+        "run_id": run_id,
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc),
+        "data_fingerprint": data_fingerprint,
+        "n_examples": n_examples,
+        "validation_log_loss": comparison.challenger_log_loss,
+        "promoted": comparison.promoted,
+        "reason": comparison.reason,
+    }
+    return pa.Table.from_pylist([row], schema=HISTORY_SCHEMA)
 
 
 def _write_history(store: Path, table: pa.Table) -> None:
