@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from flows import storage
+from flows import arrow, storage
 from flows.errors import DataError
 from flows.features import ColumnChoice, choose_columns
 
@@ -172,7 +172,7 @@ def _object_schema(path: PurePath) -> dict[str, pl.DataType]:
                 f"not a readable Parquet file ({_first_line(error)})", path=path
             ) from None
     try:
-        return dict(pl.DataFrame(schema.empty_table()).schema)
+        return dict(pl.DataFrame(arrow.empty(schema)).schema)
     except Exception as error:
         raise DataError(f"not a readable Parquet file ({_first_line(error)})", path=path) from None
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from flows import storage
+from flows import arrow, storage
 from flows.config import DEFAULT_PROMOTE_TOLERANCE, Promote
 from flows.errors import DataError
 from flows.outputs import MANIFEST_NAME, Manifest, OutputFile
@@ -178,7 +178,7 @@ def read_history(store: ObjectPath) -> pa.Table:
         try:
             raw = storage.read_bytes(path)
         except FileNotFoundError:
-            return HISTORY_SCHEMA.empty_table()
+            return arrow.empty(HISTORY_SCHEMA)
         try:
             return pq.read_table(pa.BufferReader(raw)).cast(HISTORY_SCHEMA)
         except pa.ArrowException:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import durable
+from flows import arrow, durable
 from flows.config import TrainConfig
 from flows.errors import DataError
 from flows.inference import STATISTICS, FitInference
@@ -87,15 +87,10 @@ def params_table(
     columns = {"estimate": np.append(np.asarray(w_raw, dtype=np.float64), float(b_raw))}
     for name in STATISTICS:
         columns[name] = np.full(size, np.nan) if statistics is None else statistics[name]
-    return pa.table(
-        {
-            "term": [*terms, INTERCEPT_TERM],
-            **{
-                name: pa.array(np.asarray(values, dtype=np.float64), mask=np.isnan(values))
-                for name, values in columns.items()
-            },
-        },
-        schema=PARAMS_SCHEMA,
+    return arrow.table(
+        {"term": [*terms, INTERCEPT_TERM], **columns},
+        PARAMS_SCHEMA,
+        nan_as_null=[*columns],
     )
 
 
@@ -108,14 +103,15 @@ def cost_history_table(
     if validation_cost is None:
         validation_cost = np.full(len(cost_history), np.nan)
     validation_cost = np.asarray(validation_cost, dtype=np.float64)
-    return pa.table(
+    return arrow.table(
         {
             "iteration": np.arange(len(cost_history), dtype=np.int64),
             "cost": np.asarray(cost_history, dtype=np.float64),
             "gradient_norm": np.asarray(gradient_norm, dtype=np.float64),
-            "validation_cost": pa.array(validation_cost, mask=np.isnan(validation_cost)),
+            "validation_cost": validation_cost,
         },
-        schema=COST_HISTORY_SCHEMA,
+        COST_HISTORY_SCHEMA,
+        nan_as_null=["validation_cost"],
     )
 
 
@@ -126,13 +122,13 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> pa.Table:
         for split, values in metrics.items()
         for name, value in values.items()
     ]
-    return pa.table(
+    return arrow.table(
         {
             "split": [r[0] for r in rows],
             "metric": [r[1] for r in rows],
             "value": [r[2] for r in rows],
         },
-        schema=METRICS_SCHEMA,
+        METRICS_SCHEMA,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from flows import arrow
 from flows.backends import Grid, TrainingData
 from flows.config import TrainConfig
 from flows.errors import DataError, DivergedError
@@ -152,13 +153,13 @@ def search_rows(search: SearchResult) -> list[dict[str, Any]]:
 
 
 def search_table(search: SearchResult) -> pa.Table:
-    return pa.Table.from_pylist(search_rows(search), schema=SEARCH_SCHEMA)
+    return arrow.table_from_rows(search_rows(search), SEARCH_SCHEMA)
 
 
 def search_cost_history_table(search: SearchResult) -> pa.Table:
     """Long format: one row per (candidate, iteration)."""
     histories = search.grid.cost_history
-    return pa.table(
+    return arrow.table(
         {
             "candidate": np.repeat(
                 np.arange(len(histories), dtype=np.int64), [h.size for h in histories]
@@ -166,7 +167,7 @@ def search_cost_history_table(search: SearchResult) -> pa.Table:
             "iteration": np.concatenate([np.arange(h.size, dtype=np.int64) for h in histories]),
             "cost": np.concatenate(histories).astype(np.float64),
         },
-        schema=SEARCH_COST_HISTORY_SCHEMA,
+        SEARCH_COST_HISTORY_SCHEMA,
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import durable, object_store, storage
+from flows import arrow, durable, object_store, storage
 from flows.config import DEFAULT_PROMOTE_TOLERANCE, Promote
 from flows.errors import DataError
 from flows.locks import exclusive_lock
@@ -200,7 +200,7 @@ def read_history(store: str | PurePath) -> pa.Table:
         return object_store.read_history(where)
     path = Path(store) / HISTORY_NAME
     if not path.exists():
-        return HISTORY_SCHEMA.empty_table()
+        return arrow.empty(HISTORY_SCHEMA)
     return pq.read_table(path).cast(HISTORY_SCHEMA)
 
 
@@ -524,7 +524,7 @@ def _history_row(
         "promoted": comparison.promoted,
         "reason": comparison.reason,
     }
-    return pa.Table.from_pylist([row], schema=HISTORY_SCHEMA)
+    return arrow.table_from_rows([row], HISTORY_SCHEMA)
 
 
 def _write_history(store: Path, table: pa.Table) -> None:

@@ -1,7 +1,9 @@
 """How the flows run the kernel's threads: one BLAS thread under each, a short GIL interval."""
 
+import importlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +14,22 @@ from threadpoolctl import threadpool_limits
 # stall for the whole interval; at 10 µs, 1M x 100 float64 on 2 cores went from
 # 60.7 ms to 49.5 ms per iteration (benchmarks/RESULTS.md).
 KERNEL_SWITCH_INTERVAL_S = 1e-5
+
+
+def import_in_background(*modules: str) -> None:
+    """Import ``modules``, in this order, on a daemon thread.
+
+    A run waits on the Prefect API for much of its first seconds; modules that
+    take a fraction of a second to import (SciPy's linear algebra, matplotlib)
+    are imported meanwhile instead of when a task first needs them. That task
+    finds them imported, or waits on Python's import lock for the rest.
+    """
+
+    def run() -> None:
+        for module in modules:
+            importlib.import_module(module)
+
+    threading.Thread(target=run, name="import-in-background", daemon=True).start()
 
 
 def available_cores() -> int:

@@ -21,7 +21,6 @@ from flows.artifacts import (
     cost_curve_png,
     publish_history,
     publish_run_artifacts,
-    start_importing_matplotlib,
     training_progress,
 )
 from flows.backends import TrainingData, open_training_data, plan_run
@@ -39,7 +38,7 @@ from flows.store import (
     read_history,
     summary_line,
 )
-from flows.threads import available_cores, kernel_threads
+from flows.threads import available_cores, import_in_background, kernel_threads
 from lr_kernel import FitResult, LossFunction, fit_loss
 from lr_kernel.metrics import HeldOutCost
 
@@ -357,7 +356,10 @@ def train(config: TrainConfig) -> TrainSummary:
     logger = get_run_logger()
     logger.info("config: %s", config.model_dump_json())
     check_store(storage.location(config.output))
-    start_importing_matplotlib()  # for cost_history.png, overlapping the work below
+    # For Newton's Cholesky solves and the statistics, then cost_history.png.
+    import_in_background(
+        "scipy.linalg", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker"
+    )
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
     data = load_data(config)

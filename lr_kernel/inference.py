@@ -11,7 +11,9 @@ With ``l2 > 0`` it is the inverse of the penalized Hessian.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import NDArray
@@ -169,15 +171,15 @@ def wald_table(
     cov : ndarray of shape (n + 1, n + 1)
     confidence : float in (0, 1), default 0.95
     """
-    from scipy import stats
-
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     estimate = np.asarray(theta, dtype=np.float64)
     std_error = np.sqrt(np.diag(cov))
     z_value = estimate / std_error
-    p_value = 2.0 * stats.norm.sf(np.abs(z_value))
-    quantile = float(stats.norm.ppf(0.5 + confidence / 2))
+    # The standard normal from the standard library (scipy.stats takes ~0.7 s to
+    # import): 2 sf(|z|) = erfc(|z| / √2), exact in the far tail, NaN stays NaN.
+    p_value = np.array([math.erfc(abs(z) / math.sqrt(2.0)) for z in z_value.tolist()])
+    quantile = NormalDist().inv_cdf(0.5 + confidence / 2)
     return CoefficientTable(
         estimate=estimate,
         std_error=std_error,
