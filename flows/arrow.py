@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def table(
@@ -35,3 +36,16 @@ def table_from_rows(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.
 def empty(schema: pa.Schema) -> pa.Table:
     """A table of ``schema`` with no rows (``schema.empty_table()`` imports pandas)."""
     return pa.Table.from_batches([], schema=schema)
+
+
+def read_parquet(
+    source: Any, *, filesystem: Any = None, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """One Parquet file, whole or these columns (``pq.read_table`` goes through
+    ``pyarrow.dataset``, which imports pandas)."""
+    return pq.ParquetFile(source, filesystem=filesystem).read(columns=columns)
+
+
+def rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows as dicts (``Table.to_pylist`` imports pandas for time zones)."""
+    return pl.from_arrow(table).to_dicts()  # type: ignore[union-attr]

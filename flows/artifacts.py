@@ -24,9 +24,8 @@ from uuid import UUID
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from flows import storage
+from flows import arrow, storage
 from flows.config import TrainConfig
 
 PROGRESS_KEY = "train-progress"
@@ -185,7 +184,7 @@ def cost_curve_markdown(png: bytes, *, n_iterations: int, final_cost: float) -> 
 
 def history_rows(history: pa.Table, last: int = HISTORY_ROWS) -> list[dict[str, Any]]:
     """The last ``last`` rows of a store's ``runs.parquet``, newest first, for reading."""
-    rows = history.slice(max(0, history.num_rows - last)).to_pylist()[::-1]
+    rows = arrow.rows(history.slice(max(0, history.num_rows - last)))[::-1]
     for row in rows:
         for key in ("started_at", "finished_at"):
             row[key] = row[key].isoformat(timespec="seconds")
@@ -243,13 +242,14 @@ def history_markdown(history: pa.Table, last: int = HISTORY_ROWS) -> str:
 def parameter_rows(params_path: PurePath) -> list[dict[str, Any]]:
     """The rows of a written ``params.parquet``: term, estimate and its Wald statistics."""
     fs, where = storage.filesystem(params_path)
-    return pq.read_table(where, filesystem=fs).to_pylist()
+    return arrow.read_parquet(where, filesystem=fs).to_pylist()
 
 
 def metric_rows(metrics_path: PurePath) -> list[dict[str, Any]]:
     """The rows of a written ``metrics.parquet``: ``{"split", "metric", "value"}``."""
     fs, where = storage.filesystem(metrics_path)
-    return pq.read_table(where, columns=["split", "metric", "value"], filesystem=fs).to_pylist()
+    columns = ["split", "metric", "value"]
+    return arrow.read_parquet(where, filesystem=fs, columns=columns).to_pylist()
 
 
 def output_link_key(path: PurePath) -> str:
@@ -459,7 +459,7 @@ def publish_history(history: pa.Table) -> None:
     """The ``train-history`` artifact: the store's last runs and their validation log-loss."""
     from prefect.artifacts import create_markdown_artifact
 
-    last = history.slice(history.num_rows - 1).to_pylist()[0] if history.num_rows else None
+    last = arrow.rows(history.slice(history.num_rows - 1))[0] if history.num_rows else None
     create_markdown_artifact(
         history_markdown(history),
         key=HISTORY_KEY,

@@ -180,7 +180,7 @@ def read_history(store: ObjectPath) -> pa.Table:
         except FileNotFoundError:
             return arrow.empty(HISTORY_SCHEMA)
         try:
-            return pq.read_table(pa.BufferReader(raw)).cast(HISTORY_SCHEMA)
+            return arrow.read_parquet(pa.BufferReader(raw)).cast(HISTORY_SCHEMA)
         except pa.ArrowException:
             if attempt == LATEST_READS - 1:
                 raise DataError("not a readable runs.parquet", path=path) from None
@@ -217,7 +217,7 @@ def recover_store(store: ObjectPath) -> None:
     from flows.store import RUNS_DIR
 
     current = read_latest(store)
-    rows = read_history(store).to_pylist()
+    rows = arrow.rows(read_history(store))
     ids = [row["run_id"] for row in rows]
     if current is not None and current.run_id not in ids:
         return  # its row was lost to a concurrent writer's runs.parquet: never roll back

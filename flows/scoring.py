@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import durable, storage
+from flows import arrow, durable, storage
 from flows.backends.partial_metrics import merge_metrics, piece_sums
 from flows.config import ScoreConfig
 from flows.dataset import check_convertible, common_schema, resolve_files
@@ -142,7 +142,7 @@ def load_model(model: str | PurePath) -> Model:
         raise DataError("no params.parquet here: not the output of `lrflow train`", path=directory)
     fs, where = storage.filesystem(path)
     try:
-        table = pq.read_table(where, filesystem=fs)
+        table = arrow.read_parquet(where, filesystem=fs)
     except Exception as error:
         raise DataError(f"not a readable Parquet file ({error})", path=path) from None
     # term and estimate are what scoring reads; models from before the statistics
@@ -158,7 +158,10 @@ def load_model(model: str | PurePath) -> Model:
         raise DataError("no lrflow label mapping in the file metadata", path=path) from None
     terms = table.column("term").to_pylist()
     # A null estimate is a term dropped as aliased (--drop-aliased): it adds nothing.
-    estimates = np.asarray(table.column("estimate").fill_null(0.0).to_numpy(), dtype=np.float64)
+    # (Through Polars: pyarrow's to_numpy and fill_null import pandas.)
+    frame = pl.from_arrow(table.select(["estimate"]))
+    assert isinstance(frame, pl.DataFrame)
+    estimates = frame.to_series().fill_null(0.0).to_numpy()
     if not terms or terms[-1] != INTERCEPT_TERM or INTERCEPT_TERM in terms[:-1]:
         raise DataError(f"the last term must be the only {INTERCEPT_TERM!r}", path=path)
     if not np.all(np.isfinite(estimates)):

@@ -201,7 +201,7 @@ def read_history(store: str | PurePath) -> pa.Table:
     path = Path(store) / HISTORY_NAME
     if not path.exists():
         return arrow.empty(HISTORY_SCHEMA)
-    return pq.read_table(path).cast(HISTORY_SCHEMA)
+    return arrow.read_parquet(path).cast(HISTORY_SCHEMA)
 
 
 # --- promotion ---------------------------------------------------------------------------
@@ -498,7 +498,7 @@ def load_candidate(run_dir: PurePath) -> Candidate:
 
 
 def _recorded(history: pa.Table, run_id: str, promote: Promote, tolerance: float) -> Comparison:
-    row = next(r for r in history.to_pylist() if r["run_id"] == run_id)
+    row = next(r for r in arrow.rows(history) if r["run_id"] == run_id)
     return Comparison(
         promote, tolerance, row["validation_log_loss"], None, None, row["promoted"], row["reason"]
     )
@@ -566,7 +566,7 @@ def recover_store(store: Path | storage.ObjectPath, *, locked: bool = False) -> 
         recover_output_set(path)  # a complete staged set is committed
         if read_manifest(path) is None:  # the run crashed before its set was complete
             shutil.rmtree(path, ignore_errors=True)
-    promoted = [r for r in read_history(store).to_pylist() if r["promoted"]]
+    promoted = [r for r in arrow.rows(read_history(store)) if r["promoted"]]
     current = read_latest(store)
     if promoted and (current is None or current.run_id != promoted[-1]["run_id"]):
         newest = promoted[-1]
