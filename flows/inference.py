@@ -97,10 +97,20 @@ def opened_loss(data: TrainingData, n_threads: int = 1, engine: str = "auto") ->
 
 
 def hessian_at(
-    data: TrainingData, w: np.ndarray, b: float, n_threads: int = 1, engine: str = "auto"
+    data: TrainingData,
+    w: np.ndarray,
+    b: float,
+    n_threads: int = 1,
+    engine: str = "auto",
+    *,
+    known: np.ndarray | None = None,
+    l2: float = 0.0,
 ) -> tuple[np.ndarray, float, str]:
-    """One pass: the unpenalized Hessian of ``J`` at ``(w, b)``, ``Σs``, and the
-    optimizer ``auto`` resolves to on this data.
+    """The unpenalized Hessian of ``J`` at ``(w, b)``, ``Σs``, and the optimizer
+    ``auto`` resolves to on this data.
+
+    One pass over the data, unless ``known`` is the Hessian of the ``l2``-penalized
+    ``J`` there already (a Newton fit's last one: ``FitResult.hessian``).
 
     Returns
     -------
@@ -109,8 +119,12 @@ def hessian_at(
     auto_optimizer : str
     """
     with opened_loss(data, n_threads, engine) as loss:
-        H = loss.hessian(np.asarray(w, dtype=loss.dtype), float(b), 0.0)[3]
-        return H, float(loss.weight_sum), resolve_optimizer("auto", loss)
+        weight_sum = float(loss.weight_sum)
+        if known is not None:
+            H = penalized(known, -l2, weight_sum)
+        else:
+            H = loss.hessian(np.asarray(w, dtype=loss.dtype), float(b), 0.0)[3]
+        return H, weight_sum, resolve_optimizer("auto", loss)
 
 
 def penalized(H: np.ndarray, l2: float, weight_sum: float) -> np.ndarray:
@@ -406,7 +420,9 @@ def check_fit(
     plan = data.plan
     n = plan.n_terms
     l2 = float(config.l2)  # type: ignore[arg-type]  # one value: a search has selected one
-    H, weight_sum, auto = hessian_at(data, result.w, result.b, n_threads, engine)
+    H, weight_sum, auto = hessian_at(
+        data, result.w, result.b, n_threads, engine, known=result.hessian, l2=l2
+    )
     aliasing = aliased_terms(H)
     dropped: tuple[int, ...] = ()
     warnings: list[str] = []
@@ -418,7 +434,8 @@ def check_fit(
         reduced = WithoutTerms(data, keep)
         single = config.model_copy(update={"checkpoint_every": 0, "resume": False})
         sub, validation_cost = refit(reduced, single)
-        result = dataclasses.replace(sub, w=reduced.full(sub.w).astype(sub.w.dtype))
+        full = reduced.full(sub.w).astype(sub.w.dtype)
+        result = dataclasses.replace(sub, w=full, hessian=None)  # its Hessian is of the kept terms
         H, weight_sum, _ = hessian_at(data, result.w, result.b, n_threads, engine)
         warnings.append(
             "aliased terms dropped and their estimates recorded as null: "

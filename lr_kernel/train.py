@@ -61,6 +61,10 @@ class FitResult:
         learning rate is too large). ``"stalled"``: a line search could lower
         the cost no further while ``max |∇J| > tol``; the parameters are as
         good as the data's rounding allows, ``tol`` is below that.
+    hessian : ndarray of shape (n_features + 1, n_features + 1), float64, or None
+        The Hessian of the (penalized) ``J`` at ``(w, b)``, intercept last,
+        where the solver computed it there (``"newton"``); None otherwise.
+        Standard errors after a Newton fit need no further pass over ``X``.
     """
 
     w: FloatArray
@@ -70,6 +74,7 @@ class FitResult:
     n_iterations: int
     converged: bool
     stop_reason: StopReason
+    hessian: NDArray[np.float64] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,13 @@ class _History:
             )
         )
 
-    def result(self, w: FloatArray, b: float, stop_reason: StopReason) -> FitResult:
+    def result(
+        self,
+        w: FloatArray,
+        b: float,
+        stop_reason: StopReason,
+        hessian: NDArray[np.float64] | None = None,
+    ) -> FitResult:
         return FitResult(
             w=w,
             b=b,
@@ -194,6 +205,7 @@ class _History:
             n_iterations=len(self.costs) - 1,
             converged=stop_reason == "tolerance",
             stop_reason=stop_reason,
+            hessian=hessian,
         )
 
 
@@ -463,7 +475,8 @@ def _newton(
         stop_reason = rule.check(cost, None, dw, db, monotone=True)
         if stop_reason is None:
             history.checkpoint("newton", *split(theta))
-    return history.result(*split(theta), stop_reason or "iterations")
+    # H is always the Hessian at theta: computed with each accepted point.
+    return history.result(*split(theta), stop_reason or "iterations", hessian=H)
 
 
 def _gradient_descent(

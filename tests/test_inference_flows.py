@@ -252,6 +252,45 @@ def test_a_fit_short_of_the_optimum_says_so_and_writes_no_statistics(tmp_path):
     assert fit["diagnostics"] == list(inference.warnings)
 
 
+@pytest.mark.parametrize("l2", [0.0, 2.0])
+def test_after_a_newton_fit_the_statistics_cost_no_second_hessian_pass(tmp_path, monkeypatch, l2):
+    import dataclasses
+
+    from lr_kernel import FusedLoss
+
+    path = tmp_path / "table.parquet"
+    cancer_frame().write_parquet(path)
+    config = TrainConfig(
+        data=str(path), output=str(tmp_path / "out"), label="diagnosis", l2=l2,
+        validation_fraction=0, checkpoint_every=0,
+    )  # fmt: skip
+    data = open_training_data(config, *plan_run(config))
+    passes = []
+    hessian = FusedLoss.hessian
+
+    def counted(self, *args, **kwargs):
+        passes.append(args)
+        return hessian(self, *args, **kwargs)
+
+    try:
+        result, validation_cost = fit_with_validation_cost(data, config)
+        assert result.hessian is not None  # auto chose newton
+        monkeypatch.setattr(FusedLoss, "hessian", counted)
+        _, _, reused = check_fit(
+            data, result, validation_cost, config, refit=fit_with_validation_cost
+        )
+        assert passes == []
+        without = dataclasses.replace(result, hessian=None)
+        _, _, computed = check_fit(
+            data, without, validation_cost, config, refit=fit_with_validation_cost
+        )
+        assert len(passes) == 1
+    finally:
+        data.close()
+    for name in STATISTICS:
+        np.testing.assert_allclose(reused.statistics[name], computed.statistics[name], rtol=1e-9)
+
+
 def test_the_cost_curve_is_drawn_on_a_log_gap_with_the_validation_cost():
     from flows.artifacts import cost_curve_png
 

@@ -115,6 +115,20 @@ def test_newton_lbfgs_and_gd_reach_the_same_optimum():
         assert fits[optimizer].b == pytest.approx(fits["newton"].b, rel=1e-6)
 
 
+@pytest.mark.parametrize("l2", [0.0, 1.0])
+def test_a_newton_fit_returns_the_hessian_at_its_result(l2):
+    raw, y = raw_problem("breast_cancer", CANCER_COLUMNS)
+    X, _, _ = standardize(raw)
+    Y = y.reshape(1, -1)
+    result = fit(X, Y, iterations=100, l2=l2, tol=1e-9, optimizer="newton")
+    assert result.stop_reason == "tolerance"
+    H = FusedLoss(X, Y).hessian(result.w, result.b, l2)[3]
+    assert result.hessian is not None
+    np.testing.assert_allclose(result.hessian, H, rtol=1e-12, atol=1e-15)
+    gd = fit(X, Y, learning_rate=1.0, iterations=5, l2=l2, optimizer="gd")
+    assert gd.hessian is None  # no solver but Newton computes it
+
+
 def test_auto_is_newton_up_to_the_bound_and_needs_a_hessian():
     def problem(n):
         X = np.random.default_rng(n).normal(size=(n, 50))
