@@ -134,7 +134,7 @@ def test_coefficients_equal_a_hand_built_treatment_coded_design(tmp_path):
     )
     X, names = hand_design(frame, mean_age=float(frame["age"].mean()))
     y = (frame["churned"] == "yes").to_numpy()
-    assert_same_params(ours, sklearn_params(X, y, names, penalty=None), rtol=1e-6)
+    assert_same_params(ours, sklearn_params(X, y, names, C=np.inf), rtol=1e-6)
 
 
 def test_l2_and_row_weights_match_scikit_learns_sample_weight(tmp_path):
@@ -176,7 +176,7 @@ def test_class_weight_balanced_matches_scikit_learn_and_finds_the_rare_class(tmp
     from sklearn.linear_model import LogisticRegression
 
     fitted = LogisticRegression(
-        penalty=None, class_weight="balanced", solver="newton-cholesky", tol=1e-12, max_iter=200
+        C=np.inf, class_weight="balanced", solver="newton-cholesky", tol=1e-12, max_iter=200
     )
     fitted.fit(X, y)
     theirs = dict(zip(names, fitted.coef_[0].tolist(), strict=True))
