@@ -200,3 +200,39 @@ def test_weighted_runs_compare_weighted_log_losses(parts, tmp_path, request, bac
     assert second.comparison.challenger_log_loss == pytest.approx(
         oracle_log_loss(second.run_dir, rows, Y, weight), rel=RTOL
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["stream", "dask"])
+def test_cli_runs_decide_as_the_in_memory_ones(prefect_api, parts, tmp_path, backend):
+    """Three runs into a store through the command line (--promote if-better, the default
+    split): the same model twice, then a heavily penalized one. Every backend records the
+    in-memory store's log-losses and decisions."""
+    pytest.importorskip("distributed")
+    from tests.test_cli import run_cli
+
+    common = ["train", "--data", parts, "--label", "y", "--iterations", "200"]
+    flags = {
+        "memory": ["--backend", "memory"],
+        "stream": ["--backend", "stream", "--memory-budget", "50kB", "--cache-dir", tmp_path],
+        "dask": ["--backend", "dask", "--dask-workers", "2"],
+    }
+    history = {}
+    for name in ("memory", backend):
+        for l2 in ("0.1", "0.1", "300"):
+            assert run_cli(*common, "--l2", l2, "--output", tmp_path / name, *flags[name]) == 0
+        history[name] = read_history(tmp_path / name).to_pylist()
+    expected, got = history["memory"], history[backend]
+    assert [r["promoted"] for r in got] == [r["promoted"] for r in expected] == [True, True, False]
+    np.testing.assert_allclose(
+        [r["validation_log_loss"] for r in got],
+        [r["validation_log_loss"] for r in expected],
+        rtol=RTOL,
+    )
+
+    def reasons(rows):  # the run names differ between the stores; the rest may not
+        return [r["reason"].replace(rows[1]["run"], "<run>") for r in rows]
+
+    assert reasons(got) == reasons(expected)
+    assert reasons(got)[2].startswith("not promoted: validation log-loss")
+    assert reasons(got)[2].endswith("<run> stays")
