@@ -247,6 +247,28 @@ def test_keep_runs_removes_old_directories_but_never_the_promoted_one(tmp_path):
     assert sorted(p.name for p in (store / RUNS_DIR).iterdir()) == [names[3], worse.run_dir.name]
 
 
+def test_a_pass_that_fails_while_measuring_the_current_model_leaves_the_store_as_it_was(
+    tmp_path,
+):
+    """The current model is measured under the lock before anything is written: a pass
+    over the held-out rows that fails (a lost worker, say) fails the commit, nothing else."""
+    store = tmp_path / "store"
+    _commit(store, _candidate([1.5, -0.5]))
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    def lost(w, b):
+        raise DataError("a worker left the cluster")
+
+    candidate = _candidate([1.4, -0.5])
+    run_id = str(uuid.uuid4())
+    with pytest.raises(DataError, match="worker left"):
+        commit_run(
+            store, _files(candidate, run_id), run_id=run_id, started_at=START, data_fingerprint="f",
+            n_examples=1, held_out=replace(_held_out(candidate), log_loss=lost),
+        )  # fmt: skip
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
 def test_a_retried_commit_writes_one_set_and_one_row(tmp_path):
     store = tmp_path / "store"
     candidate = _candidate([1.5, -0.5])
