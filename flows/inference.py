@@ -295,9 +295,8 @@ class WithoutTerms:
     def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
         return self.data.kernel_setting(threads, engine)
 
-    def validation_rows(self) -> None:
-        """The refit is not compared in the store: no rows."""
-        return None
+    def validation_log_loss(self, w: np.ndarray, b: float) -> float | None:
+        return self.data.validation_log_loss(self.full(w), b)
 
     def close(self) -> None:
         """The wrapped data is the caller's to close."""

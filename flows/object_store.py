@@ -43,7 +43,7 @@ from flows.storage import ObjectPath
 
 if TYPE_CHECKING:
     from flows.scoring import Model, ScorePlan, ScoreResult
-    from flows.store import Candidate, Comparison, Latest, StoredRun, ValidationRows
+    from flows.store import Candidate, Comparison, HeldOut, Latest, StoredRun
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -240,8 +240,7 @@ def commit_run(
     started_at: datetime,
     data_fingerprint: str,
     n_examples: int,
-    challenger: "Candidate",
-    rows: "ValidationRows | None",
+    held_out: "HeldOut | None",
     promote: Promote,
     tolerance: float = DEFAULT_PROMOTE_TOLERANCE,
     keep_runs: int | None = None,
@@ -259,7 +258,7 @@ def commit_run(
     if run_id in history.column("run_id").to_pylist():  # a retry after the row was written
         comparison = _recorded(history, run_id, promote, tolerance)
     else:
-        comparison = _compare(store, challenger, rows, promote, tolerance, load_champion)
+        comparison = _compare(store, held_out, promote, tolerance, load_champion)
         existing = read_manifest(run_dir)
         if existing is None or existing.run_id != run_id:  # else a retry wrote it
             write_output_set(run_dir, files, run_id=run_id)

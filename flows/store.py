@@ -42,7 +42,6 @@ from flows.outputs import (
     verify_output_set,
     write_output_set,
 )
-from lr_kernel.metrics import log_loss
 
 RUNS_DIR = "runs"
 LATEST_NAME = "latest.json"
@@ -226,70 +225,80 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class ValidationRows:
-    """The new run's validation rows on the raw scale, with its label mapping.
+class HeldOut:
+    """The new run's validation rows as promotion sees them, wherever they live: the run's
+    term space and label mapping, its model's log-loss there, and the pass that measures
+    any other model on the same rows.
 
     Attributes
     ----------
-    X : ndarray of shape (n_features, n_examples), raw (not standardized) values
-    Y : ndarray of shape (1, n_examples), 1.0 where the label is ``positive``
+    terms : tuple of str, the run's terms in the order of its ``w``
+    mean, scale : ndarray of shape (n_terms,), float64
+        The run's standardization, ``x_std = (x - mean) / scale`` (0 and 1 where a
+        term is not standardized): :meth:`flows.features.FeaturePlan.term_mean_scale`.
+    challenger_log_loss : float
+        The new model's validation log-loss (the run's own validation metrics).
+    log_loss : callable ``(w, b) -> float``
+        The (weighted) mean log-loss on these rows of the model ``sigmoid(w · x_std + b)``,
+        ``w`` of shape (n_terms, 1) on the run's scale: the pass that gives the run's
+        validation metrics (:meth:`flows.backends.TrainingData.validation_log_loss`).
     """
 
-    features: tuple[str, ...]
-    X: np.ndarray
-    Y: np.ndarray
+    terms: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
     label: str
     negative: Any
     positive: Any
-
-
-def raw_validation_rows(
-    features: tuple[str, ...],
-    X: np.ndarray,
-    Y: np.ndarray,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    label: str,
-    negative: Any,
-    positive: Any,
-) -> ValidationRows:
-    """:class:`ValidationRows` from a run's matrix, standardized with the run's own statistics.
-
-    ``X`` is ``(n_features, m)`` holding ``(x - mean) / scale`` (``mean`` 0 and
-    ``scale`` 1 when not standardized); the raw values are ``X * scale + mean``,
-    in float64, so that any model's raw-scale parameters apply to them.
-    """
-    raw = np.asarray(X, dtype=np.float64) * scale[:, np.newaxis] + mean[:, np.newaxis]  # (n, m)
-    return ValidationRows(features, raw, np.asarray(Y, dtype=np.float64), label, negative, positive)
+    challenger_log_loss: float
+    log_loss: Callable[[np.ndarray, float], float]
 
 
 class Incomparable(Exception):
     """A model cannot be evaluated on the rows (features or label values differ)."""
 
 
-def validation_log_loss(candidate: Candidate, rows: ValidationRows) -> float:
-    """Mean log-loss of ``candidate`` on ``rows``: the one measure both models get.
+def on_run_scale(candidate: Candidate, held_out: HeldOut) -> tuple[np.ndarray, float]:
+    """``candidate``'s raw-scale model in the new run's standardized term space.
 
-    The candidate's features are looked up by name among the rows' (extra columns
-    are ignored); its label values may be the rows' in either order. Raises
-    :class:`Incomparable` when a feature is missing or the labels differ.
+    With ``x = x_std * scale + mean``, ``w_raw · x + b_raw = w_std · x_std + b_std`` for
+    ``w_std = w_raw * scale`` and ``b_std = b_raw + w_raw · mean``; a term of the run
+    that the candidate lacks gets weight 0. A candidate whose positive class is the
+    run's negative one is negated: ``1 - sigmoid(z) = sigmoid(-z)``.
+
+    Returns ``w`` of shape (n_terms, 1), float64, and ``b``. Raises
+    :class:`Incomparable` when the candidate uses a term the run lacks, or its label
+    (or label values) differ.
     """
-    missing = [name for name in candidate.features if name not in rows.features]
+    missing = [name for name in candidate.features if name not in held_out.terms]
     if missing:
         raise Incomparable(f"it uses feature(s) {', '.join(missing)} absent from this run's data")
-    if candidate.label != rows.label:
-        raise Incomparable(f"its label is {candidate.label!r}, this run's is {rows.label!r}")
+    if candidate.label != held_out.label:
+        raise Incomparable(f"its label is {candidate.label!r}, this run's is {held_out.label!r}")
     values = (str(candidate.negative), str(candidate.positive))
-    if values == (str(rows.negative), str(rows.positive)):
-        Y = rows.Y
-    elif values == (str(rows.positive), str(rows.negative)):
-        Y = 1.0 - rows.Y  # its positive class is this run's negative one
+    if values == (str(held_out.negative), str(held_out.positive)):
+        sign = 1.0
+    elif values == (str(held_out.positive), str(held_out.negative)):
+        sign = -1.0  # its positive class is this run's negative one
     else:
         raise Incomparable(f"its label values {values} are not this run's")
-    index = [rows.features.index(name) for name in candidate.features]
-    X = np.asarray(rows.X, dtype=np.float64)[index]  # (n_candidate, m)
-    Z = candidate.w @ X + candidate.b  # (m,)
-    return log_loss(Z[np.newaxis, :], Y)
+    w_raw = np.zeros(len(held_out.terms))  # (n_terms,), 0 where the candidate has no term
+    index = [held_out.terms.index(name) for name in candidate.features]
+    w_raw[index] = np.asarray(candidate.w, dtype=np.float64)
+    w = w_raw * np.asarray(held_out.scale, dtype=np.float64)
+    b = float(candidate.b) + float(np.dot(w_raw, np.asarray(held_out.mean, dtype=np.float64)))
+    return sign * w[:, np.newaxis], sign * b
+
+
+def validation_log_loss(candidate: Candidate, held_out: HeldOut) -> float:
+    """Mean log-loss of ``candidate`` on the new run's validation rows: the measure the new
+    model got from the run's validation metrics, by the same pass.
+
+    The candidate's features are looked up by name among the run's terms; its label
+    values may be the run's in either order. Raises :class:`Incomparable` when a
+    feature is missing or the labels differ (:func:`on_run_scale`).
+    """
+    return float(held_out.log_loss(*on_run_scale(candidate, held_out)))
 
 
 @dataclass(frozen=True)
@@ -325,25 +334,25 @@ def _number(value: float | None) -> str:
 def decide(
     promote: Promote,
     tolerance: float,
-    challenger: Candidate,
-    rows: ValidationRows | None,
+    held_out: HeldOut | None,
     champion: Candidate | None,
     champion_run: str | None = None,
 ) -> Comparison:
-    """Promote the new model (``challenger``) over the current one (``champion``)?
+    """Promote the new model over the current one (``champion``)?
 
     ``always``: yes. ``if-better``: both are evaluated on the new run's validation
-    ``rows`` (:func:`validation_log_loss`); yes if the new one's log-loss is at most
-    the current one's times ``1 + tolerance``, or if there is no current model. A
-    new model that cannot show it is better (no validation rows, or a current
-    model that cannot be evaluated on them) is not promoted; the reason says how
-    to move on.
+    rows ``held_out`` (the new one by its validation metrics, the current one by
+    :func:`validation_log_loss`); yes if the new one's log-loss is at most the
+    current one's times ``1 + tolerance``, or if there is no current model. A new
+    model that cannot show it is better (no validation rows, or a current model
+    that cannot be evaluated on them) is not promoted; the reason says how to move
+    on.
     """
-    challenger_loss = None if rows is None else validation_log_loss(challenger, rows)
+    challenger_loss = None if held_out is None else held_out.challenger_log_loss
     champion_loss = None
-    if champion is not None and rows is not None:
+    if champion is not None and held_out is not None:
         try:
-            champion_loss = validation_log_loss(champion, rows)
+            champion_loss = validation_log_loss(champion, held_out)
         except Incomparable as why:
             if promote == "if-better":
                 return Comparison(
@@ -403,8 +412,7 @@ def commit_run(
     started_at: datetime,
     data_fingerprint: str,
     n_examples: int,
-    challenger: Candidate,
-    rows: ValidationRows | None,
+    held_out: HeldOut | None,
     promote: Promote = DEFAULT_PROMOTE,
     tolerance: float = DEFAULT_PROMOTE_TOLERANCE,
     keep_runs: int | None = None,
@@ -413,7 +421,8 @@ def commit_run(
     """Add a finished run to ``store``: its output set, its history row, and maybe promote it.
 
     Under the store's lock: recover what a crash left (:func:`recover_store`),
-    evaluate the current model and the new one on ``rows`` (:func:`decide`),
+    compare the current model with the new one on the new run's validation rows
+    ``held_out`` (:func:`decide`; None: the run has none),
     write ``files`` as ``runs/<run>/`` with ``_SUCCESS`` last, append the row to
     ``runs.parquet``, replace ``latest.json`` if promoted, then remove all but
     the newest ``keep_runs`` run directories (never the promoted one).
@@ -425,8 +434,8 @@ def commit_run(
     if isinstance(store, storage.ObjectPath):
         return object_store.commit_run(
             store, files, run_id=run_id, started_at=started_at,
-            data_fingerprint=data_fingerprint, n_examples=n_examples, challenger=challenger,
-            rows=rows, promote=promote, tolerance=tolerance, keep_runs=keep_runs,
+            data_fingerprint=data_fingerprint, n_examples=n_examples, held_out=held_out,
+            promote=promote, tolerance=tolerance, keep_runs=keep_runs,
             load_champion=load_champion,
         )  # fmt: skip
     check_store(store)
@@ -439,7 +448,7 @@ def commit_run(
         if run_id in history.column("run_id").to_pylist():  # a retry after the row was written
             comparison = _recorded(history, run_id, promote, tolerance)
         else:
-            comparison = _compare(store, challenger, rows, promote, tolerance, load_champion)
+            comparison = _compare(store, held_out, promote, tolerance, load_champion)
             existing = read_manifest(run_dir) if run_dir.is_dir() else None
             if existing is None or existing.run_id != run_id:  # else a retry wrote it
                 write_output_set(run_dir, files, run_id=run_id)
@@ -459,25 +468,24 @@ def commit_run(
 
 def _compare(
     store: PurePath,
-    challenger: Candidate,
-    rows: ValidationRows | None,
+    held_out: HeldOut | None,
     promote: Promote,
     tolerance: float,
     load_champion: Callable[[PurePath], Candidate] | None,
 ) -> Comparison:
     current = read_latest(store)
     if current is None:
-        return decide(promote, tolerance, challenger, rows, None)
+        return decide(promote, tolerance, held_out, None)
     try:
         champion_dir = latest(store)
         champion = (load_champion or load_candidate)(champion_dir)
     except DataError as damaged:  # a damaged current model must not block every later run
-        comparison = decide(promote, tolerance, challenger, rows, None)
+        comparison = decide(promote, tolerance, held_out, None)
         return Comparison(
             promote, tolerance, comparison.challenger_log_loss, current.run, None, True,
             f"promoted: the current model cannot be read ({damaged})",
         )  # fmt: skip
-    return decide(promote, tolerance, challenger, rows, champion, champion_dir.name)
+    return decide(promote, tolerance, held_out, champion, champion_dir.name)
 
 
 def load_candidate(run_dir: PurePath) -> Candidate:

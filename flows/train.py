@@ -28,10 +28,10 @@ from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, s
 from flows.config import TrainConfig
 from flows.errors import DataError, DivergedError, LrflowError
 from flows.inference import FitInference, check_fit
-from flows.outputs import metrics_rows, raw_scale_parameters, run_output_files
+from flows.outputs import metrics_rows, run_output_files
 from flows.search import SearchResult, is_search, run_search, search_rows, search_tables
 from flows.store import (
-    Candidate,
+    HeldOut,
     StoredRun,
     check_store,
     commit_run,
@@ -285,10 +285,6 @@ def write_outputs(
         extra_files=extra,
         inference=inference,
     )
-    plan = data.plan
-    mean, scale = plan.term_mean_scale()
-    w_raw, b_raw = raw_scale_parameters(result.w, result.b, mean, scale)
-    mapping = plan.label_mapping
     return commit_run(
         storage.location(config.output),
         files,
@@ -296,13 +292,42 @@ def write_outputs(
         started_at=started_at,
         data_fingerprint=data.fingerprint,
         n_examples=data.n_examples,
-        challenger=Candidate(
-            plan.terms, w_raw, b_raw, plan.label, mapping.negative, mapping.positive
-        ),
-        rows=data.validation_rows(),
+        held_out=held_out_rows(data, result, metrics),
         promote=config.promote,
         tolerance=config.promote_tolerance,
         keep_runs=config.keep_runs,
+    )
+
+
+def held_out_rows(
+    data: TrainingData, result: FitResult, metrics: dict[str, dict[str, float]] | None = None
+) -> HeldOut | None:
+    """The run's validation rows as the store compares models on them (None without any):
+    the new model's validation log-loss (from ``metrics`` when given), and the same pass
+    for the current model, on every backend."""
+    if not data.n_validation:
+        return None
+
+    def log_loss(w: np.ndarray, b: float) -> float:
+        loss = data.validation_log_loss(w, b)
+        assert loss is not None  # the data has held-out rows
+        return loss
+
+    if metrics is not None and "validation" in metrics:
+        challenger_loss = metrics["validation"]["log_loss"]
+    else:
+        challenger_loss = log_loss(result.w, result.b)
+    plan, mapping = data.plan, data.plan.label_mapping
+    mean, scale = plan.term_mean_scale()
+    return HeldOut(
+        terms=plan.terms,
+        mean=mean,
+        scale=scale,
+        label=plan.label,
+        negative=mapping.negative,
+        positive=mapping.positive,
+        challenger_log_loss=float(challenger_loss),
+        log_loss=log_loss,
     )
 
 

@@ -352,7 +352,7 @@ def test_a_store_on_s3_keeps_runs_history_and_latest_as_a_local_one(s3_server, b
 
     again = commit_run(
         store, {}, run_id=history[-1]["run_id"], started_at=history[-1]["started_at"],
-        data_fingerprint="f", n_examples=1, challenger=worse, rows=None,
+        data_fingerprint="f", n_examples=1, held_out=None,
     )  # fmt: skip
     assert again.run_dir == fourth.run_dir and read_history(store).num_rows == 4
     assert objects(s3_server.filesystem(), bucket) == before
@@ -365,14 +365,13 @@ WRITER = textwrap.dedent(
     import sys, uuid
     from datetime import datetime, timezone
     import numpy as np
-    from tests.test_store import _candidate, _files, _rows
+    from tests.test_store import _candidate, _files, _held_out
     from flows.storage import location
     from flows.store import commit_run
     import flows.scoring, flows.object_store  # imported before "ready"
 
     store, seed = location(sys.argv[1]), int(sys.argv[2])
     rng = np.random.default_rng(seed)
-    rows = _rows()
     print("ready", flush=True)
     for k in range(1_000_000):
         candidate = _candidate(rng.normal([1.5, -0.5], 0.5), rng.normal(0, 0.3))
@@ -380,7 +379,7 @@ WRITER = textwrap.dedent(
         commit_run(
             store, _files(candidate, run_id), run_id=run_id,
             started_at=datetime.now(timezone.utc), data_fingerprint="f", n_examples=k,
-            challenger=candidate, rows=rows,
+            held_out=_held_out(candidate),
             promote="always" if k % 3 == 0 else "if-better", keep_runs=3,
         )
     """

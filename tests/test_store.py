@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -33,12 +34,12 @@ from flows.store import (
     LATEST_NAME,
     RUNS_DIR,
     Candidate,
-    ValidationRows,
+    HeldOut,
     commit_run,
     decide,
     latest,
+    on_run_scale,
     prune,
-    raw_validation_rows,
     read_history,
     read_latest,
     recover_store,
@@ -46,6 +47,7 @@ from flows.store import (
     run_name,
     validation_log_loss,
 )
+from lr_kernel.metrics import log_loss
 from tests.conftest import write_parquet
 from tests.test_cli import run_cli
 
@@ -54,12 +56,27 @@ FEATURES = ("x1", "x2")
 START = datetime(2026, 12, 1, 3, 0, 0, tzinfo=timezone.utc)
 
 
-def _rows(m=200, seed=0) -> ValidationRows:
-    """Raw validation rows whose labels follow 1.5 x1 - 0.5 x2 + noise."""
+def _raw_rows(m=200, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """Raw validation rows ``X`` (2, m) whose labels ``Y`` (1, m) follow 1.5 x1 - 0.5 x2 + noise."""
     rng = np.random.default_rng(seed)
     X = rng.normal([[1.0], [-2.0]], [[2.0], [0.5]], size=(2, m))  # (2, m)
     Y = ((1.5 * X[0] - 0.5 * X[1] + rng.normal(size=m)) > 0).astype(np.float64)[np.newaxis]
-    return ValidationRows(FEATURES, X, Y, "label", False, True)
+    return X, Y
+
+
+def _held_out(challenger=None, m=200, seed=0) -> HeldOut:
+    """:func:`_raw_rows` held out by a run that standardizes with the rows' own moments (as
+    its plan would), with ``challenger`` (a raw-scale Candidate) as the run's model."""
+    X, Y = _raw_rows(m, seed)
+    mean, scale = X.mean(axis=1), X.std(axis=1)
+    X_std = (X - mean[:, np.newaxis]) / scale[:, np.newaxis]  # (2, m), what the run holds
+    held_out = HeldOut(
+        FEATURES, mean, scale, "label", False, True, challenger_log_loss=float("nan"),
+        log_loss=lambda w, b: log_loss(w.T @ X_std + b, Y),
+    )  # fmt: skip
+    if challenger is None:
+        return held_out
+    return replace(held_out, challenger_log_loss=validation_log_loss(challenger, held_out))
 
 
 def _candidate(w, b=0.0, features=FEATURES, negative=False, positive=True) -> Candidate:
@@ -81,7 +98,7 @@ def _files(candidate: Candidate, run_id: str) -> dict[str, pa.Table | bytes]:
     return {"params.parquet": with_metadata(table, metadata), "cost_history.png": b"PNG"}
 
 
-def _commit(store, candidate, *, minutes=0, rows=None, **options):
+def _commit(store, candidate, *, minutes=0, **options):
     run_id = str(uuid.uuid4())
     return commit_run(
         store,
@@ -90,8 +107,7 @@ def _commit(store, candidate, *, minutes=0, rows=None, **options):
         started_at=START + timedelta(minutes=minutes),
         data_fingerprint="f" * 8,
         n_examples=123,
-        challenger=candidate,
-        rows=_rows() if rows is None else rows,
+        held_out=_held_out(candidate),
         **options,
     )
 
@@ -106,49 +122,68 @@ def test_run_name_is_the_utc_start_and_the_run_ids_first_8_characters():
 
 
 def test_validation_log_loss_matches_scikit_learn_and_aligns_by_name():
-    from sklearn.metrics import log_loss
+    from sklearn.metrics import log_loss as sklearn_log_loss
 
-    rows = _rows()
+    X, Y = _raw_rows()
+    held_out = _held_out()
     w, b = np.array([1.2, -0.4]), 0.3
-    p = 1 / (1 + np.exp(-(w @ rows.X + b)))
-    expected = log_loss(rows.Y[0], p)
-    assert validation_log_loss(_candidate(w, b), rows) == pytest.approx(expected, rel=1e-12)
+    expected = sklearn_log_loss(Y[0], 1 / (1 + np.exp(-(w @ X + b))))
+    assert validation_log_loss(_candidate(w, b), held_out) == pytest.approx(expected, rel=1e-12)
     # Features in another order, labels the other way round: the same model, the same loss.
     swapped = _candidate(-w[::-1], -b, features=FEATURES[::-1], negative=True, positive=False)
-    assert validation_log_loss(swapped, rows) == pytest.approx(expected, rel=1e-12)
+    assert validation_log_loss(swapped, held_out) == pytest.approx(expected, rel=1e-12)
+    # Only the label values flipped: the model's probability is P(y = 0) on these rows.
+    flipped = _candidate(w, b, negative=True, positive=False)
+    expected_flipped = sklearn_log_loss(1 - Y[0], 1 / (1 + np.exp(-(w @ X + b))))
+    assert validation_log_loss(flipped, held_out) == pytest.approx(expected_flipped, rel=1e-12)
+    # A term of the run that the model lacks counts as weight 0.
+    only_x2 = _candidate([-0.7], 0.1, features=("x2",))
+    expected_x2 = sklearn_log_loss(Y[0], 1 / (1 + np.exp(-(-0.7 * X[1] + 0.1))))
+    assert validation_log_loss(only_x2, held_out) == pytest.approx(expected_x2, rel=1e-12)
 
 
-def test_raw_validation_rows_undo_the_runs_standardization():
-    rows = _rows()
-    mean, scale = rows.X.mean(axis=1), rows.X.std(axis=1)
-    standardized = ((rows.X - mean[:, None]) / scale[:, None]).astype(np.float32)
-    back = raw_validation_rows(FEATURES, standardized, rows.Y, mean, scale, "label", False, True)
-    np.testing.assert_allclose(back.X, rows.X, rtol=1e-6, atol=1e-6)  # float32 storage
+def test_on_run_scale_gives_the_raw_models_scores_on_the_standardized_rows():
+    X, _ = _raw_rows()
+    held_out = _held_out()
+    X_std = (X - held_out.mean[:, np.newaxis]) / held_out.scale[:, np.newaxis]  # (2, m)
+    w_raw, b_raw = np.array([0.8, 2.5]), -1.1
+    w, b = on_run_scale(_candidate(w_raw, b_raw), held_out)
+    assert w.shape == (2, 1)
+    np.testing.assert_allclose(w.T @ X_std + b, (w_raw @ X + b_raw)[np.newaxis], rtol=1e-12)
+    w_neg, b_neg = on_run_scale(_candidate(w_raw, b_raw, negative=True, positive=False), held_out)
+    np.testing.assert_array_equal(w_neg, -w)
+    assert b_neg == -b
+    for alien, why in (
+        (_candidate([1.0, 1.0], features=("x1", "x9")), "x9 absent"),
+        (Candidate(FEATURES, w_raw, b_raw, "other", False, True), "label is 'other'"),
+        (_candidate(w_raw, b_raw, negative="no", positive="yes"), "label values"),
+    ):
+        with pytest.raises(store_module.Incomparable, match=why):
+            on_run_scale(alien, held_out)
 
 
 def test_decide_follows_the_rule():
-    rows = _rows()
     good, bad = _candidate([1.5, -0.5]), _candidate([0.0, 0.0])
-    good_loss, bad_loss = (validation_log_loss(c, rows) for c in (good, bad))
+    good_loss, bad_loss = (validation_log_loss(c, _held_out()) for c in (good, bad))
     assert good_loss < bad_loss
-    assert decide("if-better", 0.01, bad, rows, None).promoted  # no current model
-    kept = decide("if-better", 0.01, bad, rows, good, "run-a")
+    assert decide("if-better", 0.01, _held_out(bad), None).promoted  # no current model
+    kept = decide("if-better", 0.01, _held_out(bad), good, "run-a")
     assert not kept.promoted and "run-a stays" in kept.reason
     assert kept.champion_log_loss == pytest.approx(good_loss, rel=1e-12)
     assert kept.challenger_log_loss == pytest.approx(bad_loss, rel=1e-12)
-    assert decide("always", 0.01, bad, rows, good).promoted
-    assert decide("if-better", 0.0, good, rows, good).promoted  # equal is good enough
+    assert decide("always", 0.01, _held_out(bad), good).promoted
+    assert decide("if-better", 0.0, _held_out(good), good).promoted  # equal is good enough
     # The tolerance: a challenger slightly worse is promoted within it, not beyond.
     slightly = _candidate([1.35, -0.45])  # less confident than a model already too timid
-    ratio = validation_log_loss(slightly, rows) / good_loss - 1
+    ratio = validation_log_loss(slightly, _held_out()) / good_loss - 1
     assert ratio > 0
-    assert decide("if-better", ratio * 1.01, slightly, rows, good).promoted
-    assert not decide("if-better", ratio * 0.99, slightly, rows, good).promoted
+    assert decide("if-better", ratio * 1.01, _held_out(slightly), good).promoted
+    assert not decide("if-better", ratio * 0.99, _held_out(slightly), good).promoted
     # Nothing to compare on, or a current model the rows cannot evaluate: not promoted.
-    blind = decide("if-better", 0.01, good, None, bad)
+    blind = decide("if-better", 0.01, None, bad)
     assert not blind.promoted and "--validation-data" in blind.reason
     other = _candidate([1.0], features=("x9",))
-    alien = decide("if-better", 0.01, good, rows, other, "run-x")
+    alien = decide("if-better", 0.01, _held_out(good), other, "run-x")
     assert not alien.promoted and "x9" in alien.reason and "--promote always" in alien.reason
 
 
@@ -192,7 +227,7 @@ def test_a_model_that_is_worse_is_kept_but_not_promoted(tmp_path):
     assert [r["promoted"] for r in rows] == [True, False]
     assert rows[1]["reason"].startswith("not promoted: validation log-loss")
     assert rows[1]["validation_log_loss"] == pytest.approx(
-        validation_log_loss(_candidate([0.0, 0.0]), _rows()), rel=1e-12
+        validation_log_loss(_candidate([0.0, 0.0]), _held_out()), rel=1e-12
     )
 
 
@@ -212,13 +247,35 @@ def test_keep_runs_removes_old_directories_but_never_the_promoted_one(tmp_path):
     assert sorted(p.name for p in (store / RUNS_DIR).iterdir()) == [names[3], worse.run_dir.name]
 
 
+def test_a_pass_that_fails_while_measuring_the_current_model_leaves_the_store_as_it_was(
+    tmp_path,
+):
+    """The current model is measured under the lock before anything is written: a pass
+    over the held-out rows that fails (a lost worker, say) fails the commit, nothing else."""
+    store = tmp_path / "store"
+    _commit(store, _candidate([1.5, -0.5]))
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    def lost(w, b):
+        raise DataError("a worker left the cluster")
+
+    candidate = _candidate([1.4, -0.5])
+    run_id = str(uuid.uuid4())
+    with pytest.raises(DataError, match="worker left"):
+        commit_run(
+            store, _files(candidate, run_id), run_id=run_id, started_at=START, data_fingerprint="f",
+            n_examples=1, held_out=replace(_held_out(candidate), log_loss=lost),
+        )  # fmt: skip
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
 def test_a_retried_commit_writes_one_set_and_one_row(tmp_path):
     store = tmp_path / "store"
     candidate = _candidate([1.5, -0.5])
     run_id = str(uuid.uuid4())
     arguments = dict(
         run_id=run_id, started_at=START, data_fingerprint="f", n_examples=1,
-        challenger=candidate, rows=_rows(),
+        held_out=_held_out(candidate),
     )  # fmt: skip
     first = commit_run(store, _files(candidate, run_id), **arguments)
     again = commit_run(store, _files(candidate, run_id), **arguments)
@@ -272,13 +329,12 @@ WRITER = textwrap.dedent(
     from datetime import datetime, timezone
     from pathlib import Path
     import numpy as np
-    from tests.test_store import _candidate, _files, _rows
+    from tests.test_store import _candidate, _files, _held_out
     from flows.store import commit_run
     import flows.scoring  # imported before "ready": the kills land in commits, not imports
 
     store, seed = Path(sys.argv[1]), int(sys.argv[2])
     rng = np.random.default_rng(seed)
-    rows = _rows()
     print("ready", flush=True)
     for k in range(1_000_000):
         candidate = _candidate(rng.normal([1.5, -0.5], 0.5), rng.normal(0, 0.3))
@@ -286,7 +342,7 @@ WRITER = textwrap.dedent(
         commit_run(
             store, _files(candidate, run_id), run_id=run_id,
             started_at=datetime.now(timezone.utc), data_fingerprint="f", n_examples=k,
-            challenger=candidate, rows=rows,
+            held_out=_held_out(candidate),
             promote="always" if k % 3 == 0 else "if-better", keep_runs=3,
         )
     """

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,9 +20,6 @@ from flows.config import TrainConfig
 from flows.dataset import InputPlan, count_rows
 from flows.errors import LrflowError
 from flows.features import FeaturePlan
-
-if TYPE_CHECKING:
-    from flows.store import ValidationRows
 from lr_kernel import GridFitResult, LossFunction, Optimizer
 from lr_kernel.loss import SecondOrderLoss, hessian_from_sums, loss_from_sums
 
@@ -114,9 +111,10 @@ class TrainingData(Protocol):
         """The kernel's threads and engine for this data (``auto`` resolved where it can be)."""
         ...
 
-    def validation_rows(self) -> "ValidationRows | None":
-        """The held-out rows on the raw scale, for comparing models in the store (None when
-        there are none, or they are not held in this process)."""
+    def validation_log_loss(self, w: np.ndarray, b: float) -> float | None:
+        """``metrics(w, b)["validation"]["log_loss"]`` by the same pass over the held-out
+        rows alone (None without them): how the store compares models
+        (:class:`flows.store.HeldOut`)."""
         ...
 
     def close(self) -> None:
@@ -281,6 +279,13 @@ class PiecewiseData:
         parts = ("train", "validation") if self.n_validation else ("train",)
         return {part: merge_metrics(self.metric_sums(part, w, b)) for part in parts}
 
+    def validation_log_loss(self, w: np.ndarray, b: float) -> float | None:
+        from flows.backends.partial_metrics import merge_metrics
+
+        if not self.n_validation:
+            return None
+        return merge_metrics(self.metric_sums("validation", w, b))["log_loss"]
+
     def fit_candidates(self, grid: Grid) -> GridFitResult:
         """Each candidate fitted in turn, in :func:`lr_kernel.grid_candidates` order."""
         from lr_kernel import fit_loss, grid_candidates
@@ -312,9 +317,6 @@ class PiecewiseData:
 
     def kernel_setting(self, threads: int, engine: str) -> tuple[int, str]:
         return threads, "auto"  # one loss per chunk or shard, each choosing its engine
-
-    def validation_rows(self) -> "ValidationRows | None":
-        return None  # the held-out rows are on disk or on the workers, not here
 
 
 def plan_run(config: TrainConfig) -> tuple[InputPlan, InputPlan | None]:

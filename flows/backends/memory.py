@@ -3,7 +3,7 @@
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -13,10 +13,7 @@ from flows.dataset import InputPlan, file_pieces, fingerprint
 from flows.features import FeaturePlan, PlanSettings
 from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
 from lr_kernel.loss import resolve_engine
-from lr_kernel.metrics import binary_metrics
-
-if TYPE_CHECKING:
-    from flows.store import ValidationRows
+from lr_kernel.metrics import binary_metrics, log_loss
 
 
 def weighted(weight: np.ndarray | None) -> dict[str, Any]:
@@ -42,6 +39,11 @@ class Rows:
     def metrics(self, w: np.ndarray, b: float) -> dict[str, float]:
         Z = w.T @ self.X + b  # (1, m), one pass for the metrics
         return binary_metrics(Z, self.Y, **weighted(self.weight))
+
+    def log_loss(self, w: np.ndarray, b: float) -> float:
+        """``metrics(w, b)["log_loss"]``, computed the same way, without the other metrics."""
+        Z = w.T @ self.X + b  # (1, m)
+        return log_loss(Z, self.Y.astype(np.float64, copy=False), **weighted(self.weight))
 
 
 @dataclass
@@ -76,6 +78,9 @@ class MemoryData:
             metrics["validation"] = self.held_out.metrics(w, b)
         return metrics
 
+    def validation_log_loss(self, w: np.ndarray, b: float) -> float | None:
+        return None if self.held_out is None else self.held_out.log_loss(w, b)
+
     def fit_candidates(self, grid: Grid) -> GridFitResult:
         """All candidates together: one pass over ``X`` per iteration for all of them."""
         return fit_many(
@@ -99,18 +104,6 @@ class MemoryData:
         if m <= default_block_size(n, self.train.X.dtype):
             threads = 1  # one block of examples: nothing to share between threads
         return threads, resolve_engine(engine, self.train.X, threads)
-
-    def validation_rows(self) -> "ValidationRows | None":
-        from flows.store import raw_validation_rows
-
-        if self.held_out is None:
-            return None
-        plan, mapping = self.plan, self.plan.label_mapping
-        mean, scale = plan.term_mean_scale()
-        return raw_validation_rows(
-            plan.terms, self.held_out.X, self.held_out.Y, mean, scale,
-            plan.label, mapping.negative, mapping.positive,
-        )  # fmt: skip
 
     def close(self) -> None:
         """Nothing to release: the arrays go with the object."""
