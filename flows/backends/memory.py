@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flows.backends import Grid, curvature_learning_rate
-from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
+from flows.backends.passes import learn, pieces_blocks, pieces_of, summarize_pieces
 from flows.dataset import InputPlan, file_pieces, fingerprint
 from flows.features import FeaturePlan, PlanSettings
 from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
@@ -129,7 +129,8 @@ def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSetting
     digest = hashing.submit(fingerprint, files)
     hashing.shutdown(wait=False)
     pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
-    summaries = [summarize_piece(piece, prep) for piece in pieces]
+    # Each pass reads the next batch in a thread while it works on this one.
+    summaries = summarize_pieces(pieces, prep, ahead=True)
     feature_plan, train, held_out = learn(
         prep, [s[0] for s in summaries], [s[1] for s in summaries]
     )
@@ -148,15 +149,14 @@ def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSetting
         start = filled[is_held_out]
         return X[is_held_out][:, start : start + k]
 
-    for piece in pieces:
-        for is_held_out, block in piece_blocks(piece, feature_plan, prep, target):
-            start = filled[is_held_out]
-            k = block.X.shape[1]
-            assert block.Y is not None
-            Y[is_held_out][:, start : start + k] = block.Y
-            if weight is not None and block.weight is not None:
-                weight[is_held_out][:, start : start + k] = block.weight
-            filled[is_held_out] = start + k
+    for is_held_out, block in pieces_blocks(pieces, feature_plan, prep, target, ahead=True):
+        start = filled[is_held_out]
+        k = block.X.shape[1]
+        assert block.Y is not None
+        Y[is_held_out][:, start : start + k] = block.Y
+        if weight is not None and block.weight is not None:
+            weight[is_held_out][:, start : start + k] = block.weight
+        filled[is_held_out] = start + k
 
     def rows(part: bool) -> Rows:
         return Rows(X[part], Y[part], None if weight is None else weight[part])
