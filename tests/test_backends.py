@@ -1,5 +1,7 @@
 """Backends: the stream cache and Dask shards give the in-memory run's parameters and costs."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -423,3 +425,29 @@ def test_memory_rows_read_ahead_equal_the_plain_passes_bit_for_bit(tmp_path, mon
         assert np.array_equal(rows.X, np.hstack([b.X for b in blocks]))
         assert np.array_equal(rows.Y, np.hstack([b.Y for b in blocks]))
         assert np.array_equal(rows.weight, np.hstack([b.weight for b in blocks]))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_memory_matrix_is_a_writable_c_array_in_small_pages(dtype):
+    from flows.backends.memory import small_pages_empty
+
+    X = small_pages_empty((3, 1 << 20), np.dtype(dtype))  # 12 or 24 MiB: NumPy would madvise
+    assert X.shape == (3, 1 << 20) and X.dtype == dtype
+    assert X.flags.c_contiguous and X.flags.writeable
+    X[:] = 1.5
+    assert float(X.sum()) == 1.5 * 3 * (1 << 20)
+    assert small_pages_empty((0, 5), np.dtype(dtype)).shape == (0, 5)
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return
+    start = X.__array_interface__["data"][0]
+    lines = smaps.read_text().splitlines()
+    for i, line in enumerate(lines):
+        low, _, high = line.partition(" ")[0].partition("-")
+        if "-" in line.split(" ")[0] and int(low, 16) <= start < int(high, 16):
+            fields = dict(f.split(":", 1) for f in lines[i + 1 : i + 25] if ":" in f)
+            assert fields["AnonHugePages"].strip() == "0 kB"
+            assert "nh" in fields.get("VmFlags", "")  # MADV_NOHUGEPAGE
+            break
+    else:
+        pytest.fail("the matrix's mapping is not in /proc/self/smaps")
