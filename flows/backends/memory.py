@@ -124,7 +124,9 @@ def small_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     this project's virtual machines (KVM, a memory balloon) the first touch of
     fresh huge pages measured 2.9-3.5 s of kernel time per 1.12 GB, against
     0.4-0.7 s in 4 KiB pages; that first touch was most of ``open_memory``'s
-    time. Reading ``X`` afterwards (the fit's passes) measured no slower.
+    time. A loss pass over such an ``X`` (140 x 1M) measured within the noise of
+    the huge pages' (medians 71-88 ms against 76-82 ms on one thread), far
+    less than the first touch saves unless a fit makes hundreds of passes.
     """
     nbytes = shape[0] * shape[1] * dtype.itemsize
     if not nbytes or not hasattr(mmap, "MADV_NOHUGEPAGE"):
