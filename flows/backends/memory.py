@@ -139,8 +139,9 @@ def small_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
 def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSettings) -> MemoryData:
     """Two passes over the files: the summaries and the plan, then ``X`` filled batch by batch.
 
-    The peak is the matrices plus one batch: each block is written straight
-    into its columns of ``X``.
+    The peak is the matrices plus about one batch: each block is written
+    straight into its columns of ``X`` while the next batch is read (as a
+    plain loop holds the last batch while it reads the next).
     """
     files = plan.files + (() if validation is None else validation.files)
     # Hashing the files' bytes (~1 s per 400 MB) overlaps the two passes: hashlib
