@@ -1,5 +1,7 @@
 """Backends: the stream cache and Dask shards give the in-memory run's parameters and costs."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -346,3 +348,106 @@ def test_metrics_merged_over_pieces_equal_the_whole():
             assert merged[name] == pytest.approx(whole[name], abs=1e-4)
         else:
             assert merged[name] == pytest.approx(whole[name], rel=1e-12)
+
+
+def test_read_ahead_gives_every_item_in_order_and_an_error_in_its_place():
+    from flows.backends.passes import read_ahead
+
+    made = []
+
+    def items():
+        for i in range(6):
+            made.append(i)
+            yield i
+        raise DataError("bad batch", path="part-9.parquet")
+
+    got = []
+    with pytest.raises(DataError, match="bad batch"):
+        for item in read_ahead(items()):
+            # The caller's item and at most the one being made: two alive at once.
+            assert len(made) <= item + 2
+            got.append(item)
+    assert got == list(range(6))
+
+
+def test_read_ahead_closes_the_items_when_the_caller_stops():
+    from flows.backends.passes import read_ahead
+
+    closed = []
+
+    def items():
+        try:
+            yield from range(100)
+        finally:
+            closed.append(True)
+
+    for item in read_ahead(items()):
+        if item == 3:
+            break
+    assert closed == [True]
+
+
+def test_memory_rows_read_ahead_equal_the_plain_passes_bit_for_bit(tmp_path, monkeypatch):
+    """Many small batches over many row groups and files, a held-out split and weights:
+    ``X``, ``Y`` and the weights filled with read-ahead equal the plain sequential passes."""
+    from flows.backends import passes
+    from flows.backends.passes import learn, pieces_blocks, pieces_of, settings_of
+    from flows.dataset import file_pieces
+    from flows.features import PlanSettings
+
+    directory = make_parts(tmp_path / "parts", rows=2000, files=3, row_group_rows=90)
+    for path in sorted(directory.glob("*.parquet")):
+        frame = pl.read_parquet(path)
+        levels = (pl.col("key") * 7 % 5).cast(pl.String)
+        frame = frame.with_columns(("v" + levels).alias("c"), (pl.col("key") % 4 + 1).alias("s"))
+        frame.write_parquet(path, row_group_size=90)
+    monkeypatch.setattr(PlanSettings, "batch_rows", lambda self, budget=0: 37)
+    config = memory_config(
+        directory,
+        label="y",
+        features=["f0", "f1", "f2", "f3", "c"],
+        weight="s",
+        validation_fraction=0.3,
+    )
+    data = load_memory(config)
+
+    plan, validation = plan_run(config)
+    prep = settings_of(config, plan)
+    pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
+    summaries = [passes.summarize_piece(piece, prep) for piece in pieces]
+    feature_plan = learn(prep, [s[0] for s in summaries], [s[1] for s in summaries])[0]
+    assert data.plan == feature_plan
+    parts: dict[bool, list] = {False: [], True: []}
+    for is_held_out, block in pieces_blocks(pieces, feature_plan, prep):
+        parts[is_held_out].append(block)
+    assert len(parts[False]) > 30 and data.held_out is not None
+    for rows, blocks in ((data.train, parts[False]), (data.held_out, parts[True])):
+        assert np.array_equal(rows.X, np.hstack([b.X for b in blocks]))
+        assert np.array_equal(rows.Y, np.hstack([b.Y for b in blocks]))
+        assert np.array_equal(rows.weight, np.hstack([b.weight for b in blocks]))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_memory_matrix_is_a_writable_c_array_in_small_pages(dtype):
+    from flows.backends.memory import small_pages_empty
+
+    X = small_pages_empty((3, 1 << 20), np.dtype(dtype))  # 12 or 24 MiB: NumPy would madvise
+    assert X.shape == (3, 1 << 20) and X.dtype == dtype
+    assert X.flags.c_contiguous and X.flags.writeable
+    X[:] = 1.5
+    assert float(X.sum()) == 1.5 * 3 * (1 << 20)
+    assert small_pages_empty((0, 5), np.dtype(dtype)).shape == (0, 5)
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return
+    start = X.__array_interface__["data"][0]
+    lines = smaps.read_text().splitlines()
+    for i, line in enumerate(lines):
+        low, _, high = line.partition(" ")[0].partition("-")
+        if "-" in line.split(" ")[0] and int(low, 16) <= start < int(high, 16):
+            fields = dict(f.split(":", 1) for f in lines[i + 1 : i + 25] if ":" in f)
+            assert fields["AnonHugePages"].strip() == "0 kB"
+            assert "nh" in fields.get("VmFlags", "")  # MADV_NOHUGEPAGE
+            break
+    else:
+        pytest.fail("the matrix's mapping is not in /proc/self/smaps")

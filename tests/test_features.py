@@ -100,6 +100,40 @@ def test_summaries_of_batches_merge_to_the_summary_of_the_whole():
     assert parts.labels == whole.labels
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_summary_statistics_are_those_of_the_finite_values_bit_for_bit(chunks):
+    """Clean columns are summarized whole, the others through a filter of their finite
+    values; either way the numbers are the filtered values' own, to the last bit."""
+    rng = np.random.default_rng(7)
+    m = 5000
+    parts = [
+        pl.DataFrame(
+            {
+                "clean": rng.normal(3.0, 1e4, m // chunks),
+                "ints": rng.integers(-50, 50, m // chunks),
+                "holes": pl.Series(rng.normal(size=m // chunks)).scatter([1, 5], None),
+                "nan": pl.Series(rng.normal(size=m // chunks)).scatter([2], np.nan),
+                "y": rng.integers(0, 2, m // chunks),
+            }
+        )
+        for _ in range(chunks)
+    ]
+    frame = pl.concat(parts, rechunk=False)
+    assert frame.n_chunks() == chunks
+    choice = choose_columns(frame.schema, label="y", where="t")
+    summary = summarize(frame, choice, path="t", max_levels=100)
+    for name in ("clean", "ints", "holes", "nan"):
+        values = pl.col(name).cast(pl.Float64)
+        finite = values.filter(values.is_finite())
+        statistics = [finite.count(), finite.mean(), finite.var(ddof=0) * finite.count()]
+        statistics += [finite.min(), finite.max()]
+        expected = frame.select(e.alias(str(i)) for i, e in enumerate(statistics)).row(0)
+        got = summary.columns[name]
+        assert (got.count, got.mean, got.m2, got.minimum, got.maximum) == expected
+    assert summary.columns["holes"].nulls == 2 * chunks
+    assert summary.columns["nan"].nonfinite == chunks
+
+
 def test_treatment_coding_reference_is_first_sorted_level_and_missing_is_last():
     plan = plan_of(table(), exclude=["id"], missing="impute")
     city = next(f for f in plan.features if f.name == "city")

@@ -335,15 +335,16 @@ def plan_run(config: TrainConfig) -> tuple[InputPlan, InputPlan | None]:
 
 def check_values(config: TrainConfig) -> FeaturePlan:
     """Every check of the run's values, before anything slow starts: the first pass of the
-    in-memory backend (bounded memory: one batch at a time), which learns the plan.
+    in-memory backend (bounded memory: one batch at a time, the next one read meanwhile),
+    which learns the plan.
 
     Returns the plan the run will use; raises DataError for anything it cannot use.
     """
-    from flows.backends.passes import learn, pieces_of, settings_of, summarize_piece
+    from flows.backends.passes import learn, pieces_of, settings_of, summarize_pieces
     from flows.dataset import file_pieces
 
     plan, validation = plan_run(config)
     prep = settings_of(config, plan)
     pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
-    summaries = [summarize_piece(piece, prep) for piece in pieces]
+    summaries = summarize_pieces(pieces, prep, ahead=True)  # as open_memory's first pass
     return learn(prep, [s[0] for s in summaries], [s[1] for s in summaries])[0]

@@ -1,5 +1,6 @@
 """In memory: the whole matrix ``X`` (and the held-out rows' own) built batch by batch."""
 
+import mmap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from flows.backends import Grid, curvature_learning_rate
-from flows.backends.passes import learn, piece_blocks, pieces_of, summarize_piece
+from flows.backends.passes import learn, pieces_blocks, pieces_of, summarize_pieces
 from flows.dataset import InputPlan, file_pieces, fingerprint
 from flows.features import FeaturePlan, PlanSettings
 from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
@@ -109,11 +110,31 @@ class MemoryData:
         """Nothing to release: the arrays go with the object."""
 
 
+def small_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` in ordinary 4 KiB pages, not transparent huge pages.
+
+    NumPy asks for huge pages (``madvise(MADV_HUGEPAGE)``) on large arrays. On
+    this project's virtual machines (KVM, a memory balloon) the first touch of
+    fresh huge pages measured 2.9-3.5 s of kernel time per 1.12 GB, against
+    0.4-0.7 s in 4 KiB pages; that first touch was most of ``open_memory``'s
+    time. A loss pass over such an ``X`` (140 x 1M) measured within the noise of
+    the huge pages' (medians 71-88 ms against 76-82 ms on one thread), far
+    less than the first touch saves unless a fit makes hundreds of passes.
+    """
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if not nbytes or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.empty(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(pages, dtype=dtype).reshape(shape)  # the array keeps the pages
+
+
 def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSettings) -> MemoryData:
     """Two passes over the files: the summaries and the plan, then ``X`` filled batch by batch.
 
-    The peak is the matrices plus one batch: each block is written straight
-    into its columns of ``X``.
+    The peak is the matrices plus about one batch: each block is written
+    straight into its columns of ``X`` while the next batch is read (as a
+    plain loop holds the last batch while it reads the next).
     """
     files = plan.files + (() if validation is None else validation.files)
     # Hashing the files' bytes (~1 s per 400 MB) overlaps the two passes: hashlib
@@ -122,13 +143,14 @@ def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSetting
     digest = hashing.submit(fingerprint, files)
     hashing.shutdown(wait=False)
     pieces = pieces_of(plan, validation, prep.validation_fraction, file_pieces)
-    summaries = [summarize_piece(piece, prep) for piece in pieces]
+    # Each pass reads the next batch in a thread while it works on this one.
+    summaries = summarize_pieces(pieces, prep, ahead=True)
     feature_plan, train, held_out = learn(
         prep, [s[0] for s in summaries], [s[1] for s in summaries]
     )
     sizes = {False: train.rows, True: held_out.rows}
     n, dtype = feature_plan.n_terms, np.dtype(prep.dtype)
-    X = {part: np.empty((n, size), dtype=dtype) for part, size in sizes.items()}  # (n, m)
+    X = {part: small_pages_empty((n, size), dtype) for part, size in sizes.items()}  # (n, m)
     Y = {part: np.empty((1, size), dtype=dtype) for part, size in sizes.items()}  # (1, m)
     weight = (
         {part: np.empty((1, size)) for part, size in sizes.items()}
@@ -141,15 +163,14 @@ def open_memory(plan: InputPlan, validation: InputPlan | None, prep: PlanSetting
         start = filled[is_held_out]
         return X[is_held_out][:, start : start + k]
 
-    for piece in pieces:
-        for is_held_out, block in piece_blocks(piece, feature_plan, prep, target):
-            start = filled[is_held_out]
-            k = block.X.shape[1]
-            assert block.Y is not None
-            Y[is_held_out][:, start : start + k] = block.Y
-            if weight is not None and block.weight is not None:
-                weight[is_held_out][:, start : start + k] = block.weight
-            filled[is_held_out] = start + k
+    for is_held_out, block in pieces_blocks(pieces, feature_plan, prep, target, ahead=True):
+        start = filled[is_held_out]
+        k = block.X.shape[1]
+        assert block.Y is not None
+        Y[is_held_out][:, start : start + k] = block.Y
+        if weight is not None and block.weight is not None:
+            weight[is_held_out][:, start : start + k] = block.weight
+        filled[is_held_out] = start + k
 
     def rows(part: bool) -> Rows:
         return Rows(X[part], Y[part], None if weight is None else weight[part])

@@ -6,7 +6,9 @@ memory, a cache on disk, a worker's shard). What a row becomes is decided here
 and in :mod:`flows.features`, for every backend alike.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -63,15 +65,100 @@ def split_batches(
                 yield is_held_out, part
 
 
+T = TypeVar("T")
+
+
+def read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """``items`` in order, the next one made in a thread while the caller works on this one.
+
+    At most two items are alive at once (the caller's and the one being made),
+    as when the caller drives ``items`` itself: reading a batch (pyarrow and
+    Polars release the GIL) overlaps the work on the one before at no extra
+    memory. An error of ``items`` reaches the caller in its place, after the
+    items before it.
+    """
+    ready = threading.Condition()
+    made: list[tuple[str, object]] = []  # ("item" | "end" | "error", value); one at most
+    state = {"taken": True, "stop": False}
+
+    def make() -> None:
+        while True:
+            with ready:
+                ready.wait_for(lambda: state["taken"] or state["stop"])
+                if state["stop"]:
+                    return
+                state["taken"] = False
+            try:
+                result: tuple[str, object] = ("item", next(items))
+            except StopIteration:
+                result = ("end", None)
+            except BaseException as error:  # raised in the caller, in its place
+                result = ("error", error)
+            with ready:
+                made.append(result)
+                ready.notify_all()
+            if result[0] != "item":
+                return
+
+    maker = threading.Thread(target=make, name="lrflow-read-ahead", daemon=True)
+    maker.start()
+    try:
+        while True:
+            with ready:
+                ready.wait_for(lambda: bool(made))
+                kind, value = made.pop()
+                state["taken"] = True  # the thread makes the next item meanwhile
+                ready.notify_all()
+            if kind == "end":
+                return
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            yield value  # type: ignore[misc]
+    finally:
+        with ready:
+            state["stop"] = True
+            ready.notify_all()
+        maker.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()  # the files of a caller that stopped early are closed now
+
+
+def piece_batches(
+    pieces: Iterable[Piece], prep: PlanSettings, batch_rows: int | None = None
+) -> Iterator[tuple[int, bool, pl.DataFrame]]:
+    """``(index of the piece, held out?, rows)`` of each batch of the pieces, in input order."""
+    for index, piece in enumerate(pieces):
+        for is_held_out, rows in split_batches(piece, prep, batch_rows):
+            yield index, is_held_out, rows
+
+
+def summarize_pieces(
+    pieces: Sequence[Piece],
+    prep: PlanSettings,
+    batch_rows: int | None = None,
+    ahead: bool = False,
+) -> list[tuple[Summary, Summary]]:
+    """The summaries of each piece's training rows and of its held-out rows.
+
+    ``ahead``: the next batch is read in a thread (:func:`read_ahead`) while
+    this one is summarized; the summaries are the same, merged in batch order.
+    """
+    totals = [(Summary(), Summary()) for _ in pieces]
+    batches = piece_batches(pieces, prep, batch_rows)
+    for index, is_held_out, rows in read_ahead(batches) if ahead else batches:
+        path = pieces[index].path
+        part = summarize(rows, prep.choice, path=path, max_levels=prep.max_levels)
+        totals[index][is_held_out].merge(part, prep.max_levels)
+    return totals
+
+
 def summarize_piece(
     piece: Piece, prep: PlanSettings, batch_rows: int | None = None
 ) -> tuple[Summary, Summary]:
     """The summaries of a piece's training rows and of its held-out rows."""
-    totals = {False: Summary(), True: Summary()}
-    for is_held_out, rows in split_batches(piece, prep, batch_rows):
-        part = summarize(rows, prep.choice, path=piece.path, max_levels=prep.max_levels)
-        totals[is_held_out].merge(part, prep.max_levels)
-    return totals[False], totals[True]
+    return summarize_pieces([piece], prep, batch_rows)[0]
 
 
 def learn(
@@ -105,21 +192,33 @@ def learn(
 Target = Callable[[bool, int], np.ndarray | None]
 
 
-def piece_blocks(
-    piece: Piece,
+def pieces_blocks(
+    pieces: Sequence[Piece],
     plan: FeaturePlan,
     prep: PlanSettings,
     target: Target | None = None,
     batch_rows: int | None = None,
+    ahead: bool = False,
 ) -> Iterator[tuple[bool, Block]]:
-    """``(held out?, block)`` for each batch of the piece, training rows first.
+    """``(held out?, block)`` for each batch of the pieces, in input order.
 
     ``target(held_out, k)`` may give the ``(n_terms, k)`` array each block is
     written into (a slice of the whole matrix), so no other copy is made.
+    ``ahead``: the next batch is read in a thread (:func:`read_ahead`) while the
+    plan is applied to this one.
     """
-    for is_held_out, rows in split_batches(piece, prep, batch_rows):
+    batches = piece_batches(pieces, prep, batch_rows)
+    for index, is_held_out, rows in read_ahead(batches) if ahead else batches:
         out = None if target is None else target(is_held_out, rows.height)
-        yield is_held_out, apply_plan(plan, rows, dtype=prep.dtype, path=piece.path, out=out)
+        path = pieces[index].path
+        yield is_held_out, apply_plan(plan, rows, dtype=prep.dtype, path=path, out=out)
+
+
+def piece_blocks(
+    piece: Piece, plan: FeaturePlan, prep: PlanSettings, batch_rows: int | None = None
+) -> Iterator[tuple[bool, Block]]:
+    """``(held out?, block)`` for each batch of the piece, training rows first."""
+    return pieces_blocks([piece], plan, prep, batch_rows=batch_rows)
 
 
 def pieces_of(
