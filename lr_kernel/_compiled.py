@@ -552,44 +552,97 @@ def _make_lane_sums(lanes: int) -> Any:
     return lane_sums
 
 
-_forward_tiles = tuple(_make_forward_tile(t, LANES) for t in _FORWARD_TILES)
-_backward_tiles = tuple(_make_backward_tile(r, LANES) for r in _BACKWARD_TILES)
-_lane_sums = _make_lane_sums(LANES)
-_forward_24, _forward_8, _forward_1 = _forward_tiles
-_backward_12, _backward_4, _backward_1 = _backward_tiles
+# Tiles for 8, 4 and 2 lanes: fewer models than 8 take a narrower group, whose
+# element-wise step costs in proportion.
+_fw8_24, _fw8_8, _fw8_1 = (_make_forward_tile(t, 8) for t in _FORWARD_TILES)
+_fw4_24, _fw4_8, _fw4_1 = (_make_forward_tile(t, 4) for t in _FORWARD_TILES)
+_fw2_24, _fw2_8, _fw2_1 = (_make_forward_tile(t, 2) for t in _FORWARD_TILES)
+_bw8_12, _bw8_4, _bw8_1 = (_make_backward_tile(r, 8) for r in _BACKWARD_TILES)
+_bw4_12, _bw4_4, _bw4_1 = (_make_backward_tile(r, 4) for r in _BACKWARD_TILES)
+_bw2_12, _bw2_4, _bw2_1 = (_make_backward_tile(r, 2) for r in _BACKWARD_TILES)
+_sums8, _sums4, _sums2 = (_make_lane_sums(lanes) for lanes in (8, 4, 2))
+
+
+def lanes_for(n_models: int) -> int:
+    """Lanes of a group for ``n_models`` models: 2, 4, or 8 (then groups of 8)."""
+    return 2 if n_models <= 2 else 4 if n_models <= 4 else LANES
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
 def _forward_lanes(X: Any, neg_W: Any, neg_b: Any, s: int, e: int, U: Any, ahead: int) -> None:
     """``U[t] = -(W[:, g]ᵀ X[:, s + t] + b[g])`` for ``t < e - s``: tiles of 24, 8, 1 examples."""
+    lanes = neg_W.shape[1]
     k = e - s
     t = 0
     while t + 24 <= k:
-        _forward_24(X, neg_W, neg_b, U, s + t, t, ahead)
+        if lanes == 8:
+            _fw8_24(X, neg_W, neg_b, U, s + t, t, ahead)
+        elif lanes == 4:
+            _fw4_24(X, neg_W, neg_b, U, s + t, t, ahead)
+        else:
+            _fw2_24(X, neg_W, neg_b, U, s + t, t, ahead)
         t += 24
     while t + 8 <= k:
-        _forward_8(X, neg_W, neg_b, U, s + t, t, ahead)
+        if lanes == 8:
+            _fw8_8(X, neg_W, neg_b, U, s + t, t, ahead)
+        elif lanes == 4:
+            _fw4_8(X, neg_W, neg_b, U, s + t, t, ahead)
+        else:
+            _fw2_8(X, neg_W, neg_b, U, s + t, t, ahead)
         t += 8
     while t < k:
-        _forward_1(X, neg_W, neg_b, U, s + t, t, ahead)
+        if lanes == 8:
+            _fw8_1(X, neg_W, neg_b, U, s + t, t, ahead)
+        elif lanes == 4:
+            _fw4_1(X, neg_W, neg_b, U, s + t, t, ahead)
+        else:
+            _fw2_1(X, neg_W, neg_b, U, s + t, t, ahead)
         t += 1
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
 def _backward_lanes(X: Any, s: int, e: int, dZ: Any, dW: Any) -> None:
     """``dW[i] += Σ_t X[i, s + t] dZ[t]`` for every row ``i``: tiles of 12, 4, 1 rows."""
+    lanes = dW.shape[1]
     n = X.shape[0]
     k = e - s
     i = 0
     while i + 12 <= n:
-        _backward_12(X, i, s, k, dZ, dW)
+        if lanes == 8:
+            _bw8_12(X, i, s, k, dZ, dW)
+        elif lanes == 4:
+            _bw4_12(X, i, s, k, dZ, dW)
+        else:
+            _bw2_12(X, i, s, k, dZ, dW)
         i += 12
     while i + 4 <= n:
-        _backward_4(X, i, s, k, dZ, dW)
+        if lanes == 8:
+            _bw8_4(X, i, s, k, dZ, dW)
+        elif lanes == 4:
+            _bw4_4(X, i, s, k, dZ, dW)
+        else:
+            _bw2_4(X, i, s, k, dZ, dW)
         i += 4
     while i < n:
-        _backward_1(X, i, s, k, dZ, dW)
+        if lanes == 8:
+            _bw8_1(X, i, s, k, dZ, dW)
+        elif lanes == 4:
+            _bw4_1(X, i, s, k, dZ, dW)
+        else:
+            _bw2_1(X, i, s, k, dZ, dW)
         i += 1
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def _lane_sums_any(A: Any, k: int, out: Any) -> None:
+    """``out += Σ_{t<k}`` of the rows of ``len(out)`` lanes in ``A`` (flat)."""
+    lanes = out.shape[0]
+    if lanes == 8:
+        _sums8(A, k, out)
+    elif lanes == 4:
+        _sums4(A, k, out)
+    else:
+        _sums2(A, k, out)
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
@@ -636,27 +689,27 @@ def share_sums_many(
         ``Σ s (softplus(z) - y z)`` and ``Σ dz`` per model
     dW : ndarray (G, n, LANES), float64, zeroed by the caller; receives ``X dZᵀ``
     """
-    groups = neg_W.shape[0]
+    groups, _, lanes = neg_W.shape
     for s in range(start, stop, block):
         e = min(s + block, stop)
         k = e - s
         # The next block of this share, or this one again (already cached) at its end.
         ahead = block if e < stop else 0
         for t in range(k):
-            for c in range(LANES):
-                y_lanes[t * LANES + c] = y[s + t]
+            for c in range(lanes):
+                y_lanes[t * lanes + c] = y[s + t]
         if weighted:
             for t in range(k):
-                for c in range(LANES):
-                    weight_lanes[t * LANES + c] = weights[s + t]
+                for c in range(lanes):
+                    weight_lanes[t * lanes + c] = weights[s + t]
         for g in range(groups):
             _forward_lanes(X, neg_W[g], neg_b[g], s, e, U, ahead if g == 0 else 0)
             if weighted:
-                _pointwise_weighted(U, y_lanes, weight_lanes, 0, k * LANES, losses)
+                _pointwise_weighted(U, y_lanes, weight_lanes, 0, k * lanes, losses)
             else:
-                _pointwise(U, y_lanes, 0, k * LANES, losses)
-            _lane_sums(losses, k, loss_sum[g])
-            _lane_sums(U, k, db_sum[g])
+                _pointwise(U, y_lanes, 0, k * lanes, losses)
+            _lane_sums_any(losses, k, loss_sum[g])
+            _lane_sums_any(U, k, db_sum[g])
             _backward_lanes(X, s, e, U, dW[g])
 
 

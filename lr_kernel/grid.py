@@ -132,19 +132,19 @@ class FusedLossMany(BlockedPass):
         self.n_models = n_models
         n, block = self.n_features, self.block_size
         self._compiled_share: Any = None
-        self._lanes = 0
+        self._lanes_for: Callable[[int], int] = lambda n_models: n_models
         self._compiled_scratch: list[
             tuple[FloatArray, NDArray[np.float64], FloatArray, FloatArray]
         ] = []
         self._scratch: list[tuple[FloatArray, ...]] = []
         if compiled:
-            from lr_kernel._compiled import LANES, share_sums_many  # imports numba
+            from lr_kernel._compiled import LANES, lanes_for, share_sums_many  # imports numba
 
             if X.strides[1] != X.itemsize:
                 # The compiled tiles step through a row one element at a time.
                 self.X = np.ascontiguousarray(X)
             self._compiled_share = share_sums_many
-            self._lanes = LANES
+            self._lanes_for = lanes_for
             # Per thread: scores then dZ, losses, Y and the row weights, each
             # example's value repeated for the LANES models of a group.
             self._compiled_scratch = [
@@ -203,7 +203,7 @@ class FusedLossMany(BlockedPass):
             partials = self._map_shares(lambda k: self._sum_blocks(k, neg_WT, b_column))
         else:
             # Groups of LANES models, -W and -b padded with zeros: (G, n, LANES), (G, LANES).
-            lanes = self._lanes
+            lanes = self._lanes_for(K)
             groups = -(-K // lanes)
             neg_W = np.zeros((groups * lanes, n), dtype=self.dtype)
             neg_W[:K] = -W.T

@@ -75,9 +75,9 @@ def test_float32_many_models_match_float64_to_float32_rounding():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize(("n", "K"), [(3, 1), (9, 2), (17, 5), (13, 8), (30, 9)])
+@pytest.mark.parametrize(("n", "K"), [(3, 1), (9, 2), (6, 4), (17, 5), (13, 8), (30, 9)])
 def test_compiled_many_models_equal_the_loop_formula(dtype, weighted, n, K):
-    # n around the compiled tiles' 12 and 4 rows, K around a group's 8 models
+    # n around the compiled tiles' 12 and 4 rows, K around a group's 2, 4 or 8 models
     # (9: a second group, padded); blocks of 128 examples (tiles of 24, 8 and
     # 1) and a short last one; two threads.
     m = 700
