@@ -46,6 +46,7 @@ import math
 from typing import Any
 
 import numba as nb
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -130,6 +131,79 @@ def _log1p_unit(e: float) -> float:
     return (_LN2 if big else 0.0) + 2.0 * s * q + correction
 
 
+# The same two functions in float32 arithmetic, for the many-model engine's
+# float32 element-wise step: 16 lanes per AVX-512 operation instead of 8, and
+# shorter series (float32's 24 bits need exp to degree 7 and 6 atanh terms):
+# 2-2.5x faster than the float64 functions on float32 scores. Their float32
+# results are then as exact as the float32 scores they start from.
+_F32 = np.float32
+_EXP_MIN_32 = _F32(-87.0)  # exp(-87) = 1.6e-38, a normal float32
+_INV_LN2_32 = _F32(_INV_LN2)
+_LN2_HI_32 = _F32(0.693359375)  # 9 bits: k * _LN2_HI_32 is exact for |k| <= 126
+_LN2_LO_32 = _F32(_LN2 - 0.693359375)
+_LN2_32 = _F32(_LN2)
+_SQRT2_32 = _F32(_SQRT2)
+_ROUND_32 = _F32(1.5 * 2**23)  # rounds a float32 of magnitude < 2**22 to an integer
+_EXP_TAYLOR_32 = tuple(_F32(1.0 / math.factorial(k)) for k in range(7, -1, -1))
+_ATANH_SERIES_32 = tuple(_F32(1.0 / (2 * j + 1)) for j in range(5, -1, -1))
+_ONE_32, _HALF_32, _ZERO_32, _TWO_32 = _F32(1.0), _F32(0.5), _F32(0.0), _F32(2.0)
+_BIAS_32, _MANTISSA_32 = np.int32(127), np.int32(23)
+
+
+@intrinsic
+def _float32_from_bits(typingctx: Any, bits: Any) -> Any:
+    """The float32 whose IEEE-754 representation is ``bits`` (an int32)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _bits_of_float32(typingctx: Any, x: Any) -> Any:
+    """The IEEE-754 representation of the float32 ``x``, as an int32."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@nb.njit(inline="always", error_model="numpy", cache=True)
+def _horner_32(coefficients: tuple[Any, ...], x: Any) -> Any:
+    """:func:`_horner` for float32 coefficients, in float32."""
+    p = coefficients[0]
+    for c in coefficients[1:]:
+        p = p * x + c
+    return p
+
+
+@nb.njit(inline="always", error_model="numpy", cache=True)
+def _exp_nonpositive_32(x: Any) -> Any:
+    """:func:`_exp_nonpositive` of a float32 ``x <= 0``, in float32: 0 below -87."""
+    xc = x if x > _EXP_MIN_32 else _EXP_MIN_32
+    t = xc * _INV_LN2_32 + _ROUND_32
+    kf = t - _ROUND_32  # round(x / ln 2), in [-126, 0]
+    r = (xc - kf * _LN2_HI_32) - kf * _LN2_LO_32  # |r| <= ln(2) / 2
+    p = _horner_32(_EXP_TAYLOR_32, r)
+    k: int = _bits_of_float32(t) - _bits_of_float32(_ROUND_32)  # type: ignore[call-arg]
+    scale = _float32_from_bits(np.int32((k + _BIAS_32) << _MANTISSA_32))
+    return p * scale if x >= _EXP_MIN_32 else _ZERO_32
+
+
+@nb.njit(inline="always", error_model="numpy", cache=True)
+def _log1p_unit_32(e: Any) -> Any:
+    """:func:`_log1p_unit` of a float32 ``e`` in ``[0, 1]``, in float32."""
+    v = _ONE_32 + e
+    correction = (e - (v - _ONE_32)) / v
+    big = v > _SQRT2_32
+    f = v * _HALF_32 if big else v
+    s = (f - _ONE_32) / (f + _ONE_32)
+    q = _horner_32(_ATANH_SERIES_32, s * s)
+    return (_LN2_32 if big else _ZERO_32) + _TWO_32 * s * q + correction
+
+
 @nb.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)
 def _forward(X: Any, neg_w: Any, b: float, s: int, e: int, u: Any) -> None:
     """``u[:e-s] = -(wᵀ X[:, s:e] + b)``, eight rows of ``X`` per sweep of ``u``."""
@@ -185,6 +259,66 @@ def _pointwise_weighted(u: Any, y: Any, weights: Any, s: int, k: int, losses: An
         ex = _exp_nonpositive(-uj if uj > 0.0 else uj)  # exp(-|U|), in (0, 1]
         losses[j] = sj * ((uj if uj > 0.0 else 0.0) + _log1p_unit(ex) - (1.0 - yj) * uj)
         u[j] = sj * ((1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj)
+
+
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
+def _pointwise_split_32(u: Any, y: Any, weights: Any, weighted: bool, k: int, losses: Any) -> None:
+    """:func:`_pointwise_split` for float32 scores: exp, log1p and sigmoid in float32.
+
+    The loss's linear part ``max(U, 0) - (1 - Y) U`` is formed in float64 (its
+    terms cancel for confident examples, where float32 would keep only
+    ``|U|``'s rounding) and ``log1p(exp(-|U|))`` added to it; ``dZ`` is float32
+    anyway.
+    """
+    for j in range(k):
+        uj = u[j]
+        losses[j] = _exp_nonpositive_32(-uj if uj > _ZERO_32 else uj)  # exact in float64
+    for j in range(k):
+        uj = u[j]
+        yj = y[j]
+        ex = _F32(losses[j])
+        u64 = np.float64(uj)
+        linear = (u64 if uj > _ZERO_32 else 0.0) - (1.0 - np.float64(yj)) * u64
+        losses[j] = linear + np.float64(_log1p_unit_32(ex))
+        u[j] = (_ONE_32 if uj <= _ZERO_32 else ex) / (_ONE_32 + ex) - yj
+    if weighted:
+        for j in range(k):
+            sj = weights[j]
+            losses[j] *= np.float64(sj)
+            u[j] *= sj
+
+
+@nb.njit(nogil=True, boundscheck=False, error_model="numpy", fastmath=_CONTRACT, cache=True)
+def _pointwise_split(u: Any, y: Any, weights: Any, weighted: bool, k: int, losses: Any) -> None:
+    """:func:`_pointwise` (or :func:`_pointwise_weighted`) over ``[0, k)``, in two loops.
+
+    First ``exp(-|U|)`` into ``losses``, then the rest from it: the same
+    expressions, but each loop's dependency chain is about half as long, so the
+    core overlaps more of its iterations (1.2-1.3x faster for the many-model
+    engine's ``k x 8`` values). ``y`` and ``weights`` are indexed from 0.
+    float32 scores take :func:`_pointwise_split_32`.
+    """
+    if u.itemsize == 4:
+        _pointwise_split_32(u, y, weights, weighted, k, losses)
+        return
+    for j in range(k):
+        uj = u[j]
+        losses[j] = _exp_nonpositive(-uj if uj > 0.0 else uj)  # exp(-|U|), in (0, 1]
+    if weighted:
+        for j in range(k):
+            uj = u[j]
+            yj = y[j]
+            sj = weights[j]
+            ex = losses[j]
+            losses[j] = sj * ((uj if uj > 0.0 else 0.0) + _log1p_unit(ex) - (1.0 - yj) * uj)
+            u[j] = sj * ((1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj)
+    else:
+        for j in range(k):
+            uj = u[j]
+            yj = y[j]
+            ex = losses[j]
+            losses[j] = (uj if uj > 0.0 else 0.0) + _log1p_unit(ex) - (1.0 - yj) * uj
+            u[j] = (1.0 if uj <= 0.0 else ex) / (1.0 + ex) - yj
 
 
 @nb.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)
@@ -678,7 +812,7 @@ def share_sums_many(
 
         U  = -(W_gᵀ Xb + b_g)     tiles of 24 examples x 8 models in registers;
                                   the next block's lines prefetched meanwhile
-        l, dZ                     :func:`_pointwise` on U's k x 8 values
+        l, dZ                     :func:`_pointwise_split` on U's k x 8 values
         dW_g += Xb dZᵀ            tiles of 12 rows x 8 models in registers
 
     ``U`` holds example ``t``'s scores of the group's models in
@@ -712,10 +846,7 @@ def share_sums_many(
                     weight_lanes[t * lanes + c] = weights[s + t]
         for g in range(groups):
             _forward_lanes(X, neg_W[g], neg_b[g], s, e, U, ahead if g == 0 else 0)
-            if weighted:
-                _pointwise_weighted(U, y_lanes, weight_lanes, 0, k * lanes, losses)
-            else:
-                _pointwise(U, y_lanes, 0, k * lanes, losses)
+            _pointwise_split(U, y_lanes, weight_lanes, weighted, k * lanes, losses)
             _lane_sums_any(losses, k, loss_sum[g])
             _lane_sums_any(U, k, db_sum[g])
             _backward_lanes(X, s, e, U, dW[g])
@@ -727,3 +858,9 @@ exp_nonpositive = nb.vectorize(["float64(float64)"], fastmath=_CONTRACT, cache=T
     _exp_nonpositive.py_func
 )
 log1p_unit = nb.vectorize(["float64(float64)"], fastmath=_CONTRACT, cache=True)(_log1p_unit.py_func)
+exp_nonpositive_32 = nb.vectorize(["float32(float32)"], fastmath=_CONTRACT, cache=True)(
+    _exp_nonpositive_32.py_func
+)
+log1p_unit_32 = nb.vectorize(["float32(float32)"], fastmath=_CONTRACT, cache=True)(
+    _log1p_unit_32.py_func
+)
