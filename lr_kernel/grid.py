@@ -88,11 +88,13 @@ class FusedLossMany(BlockedPass):
         ``"numpy"``: the two GEMMs per block above, with NumPy's element-wise
         calls between them. ``"numba"``: one compiled loop per thread
         (:func:`lr_kernel._compiled.share_sums_many`) over blocks of
-        :func:`compiled_grid_block_size`: the models in groups of eight, one
-        per lane of a vector register; per block and group, ``U`` by tiles of
-        24 examples, the element-wise step, then ``Xb dZᵀ`` by tiles of 12
-        rows, while the next block is prefetched into L2. A call with fewer
-        models pads the last group with zeros: K = 1 to 8 cost about the same.
+        :func:`compiled_grid_block_size`: the models in groups of eight (two
+        or four for ``K <= 2`` or ``<= 4``), one per lane of a vector register;
+        per block and group, ``U`` by tiles of 24 examples, the element-wise
+        step (in float32 arithmetic for float32 ``X``), then ``Xb dZᵀ`` by
+        tiles of 12 rows, while the next block is prefetched into L2. The last
+        group is padded with zero models. ``X`` with other strides than unit
+        along examples is copied once to C order.
         ``"auto"``: as :func:`~lr_kernel.loss.resolve_engine` decides
         for one model. The chosen one is ``self.engine``.
 
@@ -101,7 +103,8 @@ class FusedLossMany(BlockedPass):
     One instance serves one caller at a time. Results are bitwise reproducible
     for a given ``engine``, ``block_size``, ``n_threads`` and set of models
     passed; they equal :class:`~lr_kernel.FusedLoss`'s per model up to float
-    rounding (the products sum in another order).
+    rounding (the products sum in another order; with float32 ``X`` the
+    compiled engine's ``exp``, ``log1p`` and sigmoid are float32's).
     """
 
     def __init__(
