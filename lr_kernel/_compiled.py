@@ -706,8 +706,12 @@ _sums8, _sums4, _sums2 = (_make_lane_sums(lanes) for lanes in (8, 4, 2))
 
 
 def lanes_for(n_models: int) -> int:
-    """Lanes of a group for ``n_models`` models: 2, 4, or 8 (then groups of 8)."""
-    return 2 if n_models <= 2 else 4 if n_models <= 4 else LANES
+    """Lanes of a group for ``n_models`` models: 1, 2, 4 or 8 (then groups of 8).
+
+    1: one model with the single-model loops (examples in the lanes), 1.1-1.2x
+    :class:`lr_kernel.FusedLoss` where one model in two lanes was 1.2-1.5x.
+    """
+    return 1 if n_models == 1 else 2 if n_models <= 2 else 4 if n_models <= 4 else LANES
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
@@ -816,22 +820,24 @@ def share_sums_many(
         dW_g += Xb dZᵀ            tiles of 12 rows x 8 models in registers
 
     ``U`` holds example ``t``'s scores of the group's models in
-    ``U[t * LANES : (t + 1) * LANES]``, so the element-wise step runs over it
-    as one flat array, with ``y`` (and the weights) repeated per lane.
+    ``U[t * lanes : (t + 1) * lanes]``, so the element-wise step runs over it
+    as one flat array, with ``y`` (and the weights) repeated per lane. Groups
+    of one lane run :func:`share_sums`'s loops instead.
 
     Parameters
     ----------
     X, y, weights, weighted, start, stop, block : as :func:`share_sums`
-    neg_W : ndarray (G, n, LANES), ``X``'s dtype, ``-W`` by groups of models,
-        padded with zeros
-    neg_b : ndarray (G, LANES), ``X``'s dtype, ``-b``, padded with zeros
+    neg_W : ndarray (G, n, lanes), ``X``'s dtype, ``-W`` by groups of ``lanes``
+        (:func:`lanes_for`) models, padded with zeros
+    neg_b : ndarray (G, lanes), ``X``'s dtype, ``-b``, padded with zeros
     U, y_lanes, weight_lanes : ndarray (block * LANES,), ``X``'s dtype, scratch
     losses : ndarray (block * LANES,), float64, scratch
-    loss_sum, db_sum : ndarray (G, LANES), float64, zeroed by the caller; receive
+    loss_sum, db_sum : ndarray (G, lanes), float64, zeroed by the caller; receive
         ``Σ s (softplus(z) - y z)`` and ``Σ dz`` per model
-    dW : ndarray (G, n, LANES), float64, zeroed by the caller; receives ``X dZᵀ``
+    dW : ndarray (G, n, lanes), float64, zeroed by the caller; receives ``X dZᵀ``
     """
     groups, _, lanes = neg_W.shape
+    zero = U.dtype.type(0)  # the single-model loops' accumulators, in X's dtype
     for s in range(start, stop, block):
         e = min(s + block, stop)
         k = e - s
@@ -844,6 +850,17 @@ def share_sums_many(
             for t in range(k):
                 for c in range(lanes):
                     weight_lanes[t * lanes + c] = weights[s + t]
+        if lanes == 1:
+            # One model per group (see lanes_for): share_sums's loops on this block.
+            for g in range(groups):
+                u = U[:k]
+                _forward(X, neg_W[g, :, 0], -neg_b[g, 0], s, e, u)
+                _pointwise_split(u, y_lanes, weight_lanes, weighted, k, losses)
+                block_loss, block_db = _sums(losses, u, k)
+                loss_sum[g, 0] += block_loss
+                db_sum[g, 0] += block_db
+                _backward(X, s, e, u, zero, dW[g, :, 0])
+            continue
         for g in range(groups):
             _forward_lanes(X, neg_W[g], neg_b[g], s, e, U, ahead if g == 0 else 0)
             _pointwise_split(U, y_lanes, weight_lanes, weighted, k * lanes, losses)

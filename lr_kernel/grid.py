@@ -89,7 +89,8 @@ class FusedLossMany(BlockedPass):
         calls between them. ``"numba"``: one compiled loop per thread
         (:func:`lr_kernel._compiled.share_sums_many`) over blocks of
         :func:`compiled_grid_block_size`: the models in groups of eight (two
-        or four for ``K <= 2`` or ``<= 4``), one per lane of a vector register;
+        or four for ``K <= 2`` or ``<= 4``; one model runs the single-model
+        loops), one per lane of a vector register;
         per block and group, ``U`` by tiles of 24 examples, the element-wise
         step (in float32 arithmetic for float32 ``X``), then ``Xb dZᵀ`` by
         tiles of 12 rows, while the next block is prefetched into L2. The last
@@ -205,7 +206,7 @@ class FusedLossMany(BlockedPass):
             b_column = np.asarray(b, dtype=self.dtype).reshape(K, 1)  # (K, 1)
             partials = self._map_shares(lambda k: self._sum_blocks(k, neg_WT, b_column))
         else:
-            # Groups of LANES models, -W and -b padded with zeros: (G, n, LANES), (G, LANES).
+            # Groups of `lanes` models, -W and -b padded with zeros: (G, n, lanes), (G, lanes).
             lanes = self._lanes_for(K)
             groups = -(-K // lanes)
             neg_W = np.zeros((groups * lanes, n), dtype=self.dtype)
