@@ -29,12 +29,14 @@ element-wise step alone costs more than reading ``X``.
 while the block is in cache, so ``X`` is read from memory once for all of them.
 Its products are LLVM vector code (numba intrinsics): the models of a group in
 the lanes of one register, tiles of accumulators that stay in registers, at
-95-100% (float64) and 75-90% (float32) of the FMA units' peak on a block in
-cache, where the same loops through LLVM's loop vectorizer reached 55-65%;
+95-100% (float64) and 65-75% (float32) of the FMA units' peak on a block in
+cache, where the same loops through LLVM's loop vectorizer reached 40-65%;
 and the next block is prefetched into L2 while the current one is worked on.
-At 1M x 100 on 2 cores, K = 8 costs about 2x one model (float64) and 2.5x
-(float32), against 3.0x and 3.5x with the vectorizer's loops
-(``benchmarks/RESULTS.md``, issue 14).
+The element-wise step runs over a group's values as one array, in two loops,
+and for float32 in float32 arithmetic. At 1M x 100 on 2 cores, K = 8 costs
+1.6-2.0x one model per pass (float64 and float32), against 2.4-3.0x and
+3.2-3.5x with the vectorizer's loops (``benchmarks/RESULTS.md``, issue 14,
+run 4).
 
 Importing this module imports numba and defines the kernels; each dtype is
 compiled on first use and cached on disk (``cache=True``).
@@ -481,8 +483,8 @@ def block_curvature(
 # loop. LLVM's loop vectorizer, given the same loops in Python, keeps the
 # accumulators of the forward product in memory (it cannot prove that U and X
 # do not overlap) and ends each backward sweep with horizontal sums: both ran
-# at 55-65% of the FMA units' peak in cache; these run at 95-100% (float64)
-# and 75-90% (float32).
+# at 40-65% of the FMA units' peak in cache (float64 15 and 18 GFMA/s of 27.6
+# here); these run at 95-100% (28 and 26) in float64, 65-75% in float32.
 LANES = 8
 # Examples per forward tile, rows per backward tile: one register per
 # accumulator, a few left for the operands (32 vector registers with AVX-512;
