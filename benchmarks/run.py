@@ -295,6 +295,14 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
 
 
 def section_grid(n: int, m: int, repeats: int, iterations: int) -> list[str]:
+    """:func:`grid_table` for float64, then float32."""
+    lines: list[str] = []
+    for dtype in (np.float64, np.float32):
+        lines += [*grid_table(n, m, repeats, iterations, dtype), ""]
+    return lines[:-1]
+
+
+def grid_table(n: int, m: int, repeats: int, iterations: int, dtype: type) -> list[str]:
     """``K = 1/2/4/8`` models per iteration in the flows' setting, paired with ``K = 1``.
 
     The pass: ``FusedLoss`` (what ``fit`` runs for one model) for ``K = 1``,
@@ -303,8 +311,8 @@ def section_grid(n: int, m: int, repeats: int, iterations: int) -> list[str]:
     divided by the loss calls it makes, so that it includes the updates and
     the stop rules' bookkeeping. Everything under ``kernel_threads(CORES)``.
     """
-    X, Y = make_data(n, m, correlated=False)
-    w = np.full((n, 1), 0.01)
+    X, Y = make_data(n, m, correlated=False, dtype=dtype)
+    w = np.full((n, 1), 0.01, dtype=dtype)
     Ks = (1, 2, 4, 8)
     single = FusedLoss(X, Y, n_threads=CORES)
     passes: dict[str, Callable[[], object]] = {"pass|1": lambda: single(w, 0.1, 1.0)}
@@ -313,7 +321,8 @@ def section_grid(n: int, m: int, repeats: int, iterations: int) -> list[str]:
     for K in Ks[1:]:
         many = FusedLossMany(X, Y, n_models=K, n_threads=CORES)
         many_engine = getattr(many, "engine", "numpy")
-        W, b, l2 = np.full((n, K), 0.01), np.full(K, 0.1), np.logspace(-2, 1, K)
+        W, b = np.full((n, K), 0.01, dtype=dtype), np.full(K, 0.1)
+        l2 = np.logspace(-2, 1, K)
         passes[f"pass|{K}"] = lambda many=many, W=W, b=b, l2=l2: many(W, b, l2)
     fits["fit|1"] = lambda: fit(
         X, Y, learning_rate=0.5, l2=0.1, iterations=iterations, tol=0.0, n_threads=CORES
@@ -333,7 +342,7 @@ def section_grid(n: int, m: int, repeats: int, iterations: int) -> list[str]:
     engine = single.engine
     lines = [
         f"### Many models: K = {'/'.join(map(str, Ks))} per iteration in the flows' setting, "
-        f"n = {n}, m = {m:,}, float64",
+        f"n = {n}, m = {m:,}, {np.dtype(dtype).name}",
         "",
         f"`pass`: one loss+gradient of K models ({repeats} interleaved rounds); K = 1 is "
         f"`FusedLoss` (engine='auto': {engine}), K >= 2 `FusedLossMany` (engine='auto': "

@@ -29,10 +29,14 @@ GRID_BLOCK_BYTES = 4 * 2**20
 # between the GEMMs walk it about eight times per block.
 SCRATCH_BYTES = 2 * 2**20
 
-# The compiled engine's blocks: eight rows of a block, what one step of its
-# loops holds while it sweeps every model, fill about this much of a core's L1
-# cache (32 KiB here); the whole block stays in L2 for the backward products.
-COMPILED_GRID_ROWS_BYTES = 16 * 2**10
+# The compiled engine's blocks: about this much of X, so that the block and the
+# next one, prefetched while this one is worked on, sit in a core's L2 (1 MiB
+# here) ...
+COMPILED_GRID_BLOCK_BYTES = 192 * 2**10
+# ... and at most this many examples: a group's scores and losses (8 models x
+# 240 examples x 16 bytes, 30 KiB) then stay in L1 through the element-wise
+# step. A multiple of the forward tile's 24 examples.
+COMPILED_GRID_MAX_BLOCK = 240
 
 Values = float | Sequence[float] | NDArray[np.floating]
 
@@ -45,9 +49,9 @@ def grid_block_size(n_features: int, n_models: int, dtype: np.dtype[np.floating]
 
 
 def compiled_grid_block_size(n_features: int, dtype: np.dtype[np.floating]) -> int:
-    """Examples per block of the compiled many-model engine: eight rows in ~16 KiB."""
-    examples = COMPILED_GRID_ROWS_BYTES // (8 * dtype.itemsize)
-    return int(max(64, examples // 64 * 64))
+    """Examples per block of the compiled many-model engine: a multiple of 24, 24 to 240."""
+    examples = COMPILED_GRID_BLOCK_BYTES // max(1, n_features * dtype.itemsize)
+    return int(min(COMPILED_GRID_MAX_BLOCK, max(24, examples // 24 * 24)))
 
 
 class FusedLossMany(BlockedPass):
@@ -84,10 +88,15 @@ class FusedLossMany(BlockedPass):
         ``"numpy"``: the two GEMMs per block above, with NumPy's element-wise
         calls between them. ``"numba"``: one compiled loop per thread
         (:func:`lr_kernel._compiled.share_sums_many`) over blocks of
-        :func:`compiled_grid_block_size`: per block, ``U`` of every model, the
-        element-wise step, then ``Xb dZᵀ`` of every model, the block's rows
-        taken eight at a time and the models two at a time while those rows
-        are in L1. ``"auto"``: as :func:`~lr_kernel.loss.resolve_engine` decides
+        :func:`compiled_grid_block_size`: the models in groups of eight (two
+        or four for ``K <= 2`` or ``<= 4``; one model runs the single-model
+        loops), one per lane of a vector register;
+        per block and group, ``U`` by tiles of 24 examples, the element-wise
+        step (in float32 arithmetic for float32 ``X``), then ``Xb dZᵀ`` by
+        tiles of 12 rows, while the next block is prefetched into L2. The last
+        group is padded with zero models. ``X`` with other strides than unit
+        along examples is copied once to C order.
+        ``"auto"``: as :func:`~lr_kernel.loss.resolve_engine` decides
         for one model. The chosen one is ``self.engine``.
 
     Notes
@@ -95,7 +104,8 @@ class FusedLossMany(BlockedPass):
     One instance serves one caller at a time. Results are bitwise reproducible
     for a given ``engine``, ``block_size``, ``n_threads`` and set of models
     passed; they equal :class:`~lr_kernel.FusedLoss`'s per model up to float
-    rounding (the products sum in another order).
+    rounding (the products sum in another order; with float32 ``X`` the
+    compiled engine's ``exp``, ``log1p`` and sigmoid are float32's).
     """
 
     def __init__(
@@ -126,15 +136,28 @@ class FusedLossMany(BlockedPass):
         self.n_models = n_models
         n, block = self.n_features, self.block_size
         self._compiled_share: Any = None
-        self._compiled_scratch: list[tuple[FloatArray, NDArray[np.float64]]] = []
+        self._lanes_for: Callable[[int], int] = lambda n_models: n_models
+        self._compiled_scratch: list[
+            tuple[FloatArray, NDArray[np.float64], FloatArray, FloatArray]
+        ] = []
         self._scratch: list[tuple[FloatArray, ...]] = []
         if compiled:
-            from lr_kernel._compiled import share_sums_many  # imports numba
+            from lr_kernel._compiled import LANES, lanes_for, share_sums_many  # imports numba
 
+            if X.strides[1] != X.itemsize:
+                # The compiled tiles step through a row one element at a time.
+                self.X = np.ascontiguousarray(X)
             self._compiled_share = share_sums_many
-            # Per thread: U, then dZ, of every model, and one model's losses.
+            self._lanes_for = lanes_for
+            # Per thread: scores then dZ, losses, Y and the row weights, each
+            # example's value repeated for the LANES models of a group.
             self._compiled_scratch = [
-                (np.empty((n_models, block), X.dtype), np.empty(block, np.float64))
+                (
+                    np.empty(block * LANES, X.dtype),
+                    np.empty(block * LANES, np.float64),
+                    np.empty(block * LANES, X.dtype),
+                    np.empty(block * LANES if self.s is not None else 1, X.dtype),
+                )
                 for _ in self._shares
             ]
             # Unweighted calls pass this, unread, where the weights would go.
@@ -178,10 +201,21 @@ class FusedLossMany(BlockedPass):
         K = W.shape[1]
         if W.shape[0] != n or not 1 <= K <= self.n_models:
             raise ValueError(f"W must have shape ({n}, K <= {self.n_models}), got {W.shape}")
-        neg_WT = np.ascontiguousarray(-W.T, dtype=self.dtype)  # (K, n)
-        b_column = np.asarray(b, dtype=self.dtype).reshape(K, 1)  # (K, 1)
-        blocks = self._sum_blocks if self._compiled_share is None else self._compiled_blocks
-        partials = self._map_shares(lambda k: blocks(k, neg_WT, b_column))
+        if self._compiled_share is None:
+            neg_WT = np.ascontiguousarray(-W.T, dtype=self.dtype)  # (K, n)
+            b_column = np.asarray(b, dtype=self.dtype).reshape(K, 1)  # (K, 1)
+            partials = self._map_shares(lambda k: self._sum_blocks(k, neg_WT, b_column))
+        else:
+            # Groups of `lanes` models, -W and -b padded with zeros: (G, n, lanes), (G, lanes).
+            lanes = self._lanes_for(K)
+            groups = -(-K // lanes)
+            neg_W = np.zeros((groups * lanes, n), dtype=self.dtype)
+            neg_W[:K] = -W.T
+            neg_W = np.ascontiguousarray(neg_W.reshape(groups, lanes, n).transpose(0, 2, 1))
+            neg_b = np.zeros(groups * lanes, dtype=self.dtype)
+            neg_b[:K] = -np.asarray(b, dtype=self.dtype).reshape(K)
+            neg_b = neg_b.reshape(groups, lanes)
+            partials = self._map_shares(lambda k: self._compiled_blocks(k, neg_W, neg_b, K))
         # Summed in share order whatever the threads' timing: reproducible bits.
         loss_sum, dW_sum, db_sum = (p.copy() for p in partials[0])
         for p in partials[1:]:
@@ -196,32 +230,35 @@ class FusedLossMany(BlockedPass):
         return cost, dW.astype(self.dtype, copy=False), db_sum / total
 
     def _compiled_blocks(
-        self, share: int, neg_WT: FloatArray, b_column: FloatArray
+        self, share: int, neg_W: FloatArray, neg_b: FloatArray, K: int
     ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         """:meth:`_sum_blocks` by the compiled engine: one call for the whole share."""
-        K, n = neg_WT.shape
+        groups, n, lanes = neg_W.shape
         starts = self._shares[share]
-        U, losses = self._compiled_scratch[share]
-        loss_sum = np.zeros(K, dtype=np.float64)
-        db_sum = np.zeros(K, dtype=np.float64)
-        dW_T = np.zeros((K, n), dtype=np.float64)  # (K, n): each model's row contiguous
+        U, losses, y_lanes, weight_lanes = self._compiled_scratch[share]
+        loss_sum = np.zeros((groups, lanes), dtype=np.float64)
+        db_sum = np.zeros((groups, lanes), dtype=np.float64)
+        dW_sum = np.zeros((groups, n, lanes), dtype=np.float64)
         self._compiled_share(
             self.X,
             self.y,
             self._no_weights if self.s is None else self.s,
             self.s is not None,
-            neg_WT,
-            b_column.reshape(K),
+            neg_W,
+            neg_b,
             starts[0],
             min(starts[-1] + self.block_size, self.n_examples),
             self.block_size,
             U,
             losses,
+            y_lanes,
+            weight_lanes,
             loss_sum,
             db_sum,
-            dW_T,
+            dW_sum,
         )
-        return loss_sum, dW_T.T, db_sum
+        dW = dW_sum.transpose(1, 0, 2).reshape(n, groups * lanes)[:, :K]  # (n, K)
+        return loss_sum.reshape(-1)[:K], dW, db_sum.reshape(-1)[:K]
 
     def _sum_blocks(
         self, share: int, neg_WT: FloatArray, b_column: FloatArray

@@ -9,7 +9,7 @@ import pytest
 
 import lr_kernel.loss as loss_module
 from lr_kernel import FusedLoss, fit, loss_and_gradients_naive
-from lr_kernel._compiled import exp_nonpositive, log1p_unit
+from lr_kernel._compiled import exp_nonpositive, exp_nonpositive_32, log1p_unit, log1p_unit_32
 from tests.test_kernel import make_problem
 
 ULP = np.finfo(np.float64).eps
@@ -39,6 +39,26 @@ def test_log1p_is_within_three_ulp_of_libm_on_the_unit_interval():
     assert got[e == 0.0].tolist() == [0.0]
     nonzero = e > 0
     assert np.max(np.abs(got[nonzero] - ref[nonzero]) / ref[nonzero]) <= 3 * ULP
+
+
+def test_float32_exp_and_log1p_are_within_one_and_three_float32_ulp():
+    # The many-model engine's float32 element-wise step; the float64 results
+    # rounded to float32 are the reference.
+    eps = np.finfo(np.float32).eps
+    rng = np.random.default_rng(2)
+    x = np.concatenate(
+        [-np.logspace(-40, np.log10(87.0), 200_000), -rng.uniform(0, 87, 100_000), [0.0, -87.0]]
+    ).astype(np.float32)
+    got, ref = exp_nonpositive_32(x), np.exp(x.astype(np.float64))
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - ref) / ref) <= eps
+    below = np.array([-87.01, -100.0, -3e38, -np.inf], dtype=np.float32)
+    np.testing.assert_array_equal(exp_nonpositive_32(below), 0)
+    e = np.concatenate([np.logspace(-38, 0, 200_000), rng.random(100_000), [1.0]])
+    e = e.astype(np.float32)
+    got, ref = log1p_unit_32(e), np.log1p(e.astype(np.float64))
+    assert log1p_unit_32(np.zeros(1, np.float32)).tolist() == [0.0]
+    assert np.max(np.abs(got - ref) / ref) <= 3 * eps
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 17, 100])

@@ -75,10 +75,11 @@ def test_float32_many_models_match_float64_to_float32_rounding():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize(("n", "K"), [(3, 1), (9, 2), (17, 5)])
+@pytest.mark.parametrize(("n", "K"), [(3, 1), (9, 2), (6, 4), (17, 5), (13, 8), (30, 9)])
 def test_compiled_many_models_equal_the_loop_formula(dtype, weighted, n, K):
-    # n around the eight rows, K around the two models, the compiled loops take
-    # per step; blocks of 128 and a short last one; two threads.
+    # n around the compiled tiles' 12 and 4 rows, K around a group's 2, 4 or 8 models
+    # (9: a second group, padded); blocks of 128 examples (tiles of 24, 8 and
+    # 1) and a short last one; two threads.
     m = 700
     X, Y = make_problem(n=n, m=m, seed=n + K, dtype=dtype)
     rng = np.random.default_rng(K)
@@ -125,6 +126,18 @@ def test_compiled_many_models_keep_extreme_scores_exact(dtype):
     exact = (np.logaddexp(0.0, Z) - Y * Z) @ weights.T / weights.sum()  # (3, 1)
     np.testing.assert_allclose(cost, exact.ravel(), rtol=1e-12 if dtype == np.float64 else 1e-6)
     assert np.all(np.isfinite(dW)) and np.all(np.isfinite(db))
+
+
+def test_compiled_many_models_take_any_strides():
+    X, Y = make_problem(n=7, m=300, seed=8)
+    W = np.random.default_rng(9).normal(size=(7, 3))
+    ref = FusedLossMany(X, Y, n_models=3, engine="numpy")(W, np.zeros(3), np.zeros(3))
+    for strided in (np.asfortranarray(X), np.repeat(X, 2, axis=1)[:, ::2]):
+        got = FusedLossMany(strided, Y, n_models=3, block_size=48, engine="numba")(
+            W, np.zeros(3), np.zeros(3)
+        )
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], ref[1], rtol=1e-11, atol=1e-15)
 
 
 def test_auto_runs_many_models_compiled_where_one_model_would(monkeypatch):
