@@ -117,9 +117,13 @@ def small_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     this project's virtual machines (KVM, a memory balloon) the first touch of
     fresh huge pages measured 2.9-3.5 s of kernel time per 1.12 GB, against
     0.4-0.7 s in 4 KiB pages; that first touch was most of ``open_memory``'s
-    time. A loss pass over such an ``X`` (140 x 1M) measured within the noise of
-    the huge pages' (medians 71-88 ms against 76-82 ms on one thread), far
-    less than the first touch saves unless a fit makes hundreds of passes.
+    time. The kernel pays for it on every pass: at 1M x 100 float64 on 2
+    threads, a loss pass over such an ``X`` took 1.07x and 1.16x the time of
+    one over NumPy's own allocation (pairwise medians of 21 and 15 rounds),
+    ~3-6 ms a pass against ~2 s saved per GB: the default Newton fit (tens of
+    passes) gains, a 1,000-iteration ``gd`` fit at that size loses. (Whether
+    NumPy's allocation was in huge pages at all, ``/proc/self/smaps`` did not
+    show: ``AnonHugePages`` read 0 for both.)
     """
     nbytes = shape[0] * shape[1] * dtype.itemsize
     if not nbytes or not hasattr(mmap, "MADV_NOHUGEPAGE"):
