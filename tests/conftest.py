@@ -85,3 +85,19 @@ def load_memory(config):
 def load(data, **kwargs):
     """:func:`load_memory` of :func:`memory_config`: the rows of ``data`` as X, Y, weights."""
     return load_memory(memory_config(data, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A 2-worker LocalCluster in this process (threads): seconds to start, not tens.
+
+    One per test module that asks for it.
+    """
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client

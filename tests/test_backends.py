@@ -220,19 +220,6 @@ def test_dask_address_requires_the_dask_backend():
         TrainConfig(data="d", output="o", backend="stream", dask_address="tcp://h:1")
 
 
-@pytest.fixture(scope="module")
-def dask_client():
-    """A 2-worker LocalCluster in this process (threads): seconds to start, not tens."""
-    distributed = pytest.importorskip("distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        yield client
-
-
 def test_row_groups_split_into_contiguous_shards_in_input_order(parts):
     from flows.backends.dask_backend import split_pieces
     from flows.dataset import row_group_pieces

@@ -24,19 +24,6 @@ def parts(tmp_path_factory):
     return make_parts(tmp_path_factory.mktemp("promotion") / "parts")
 
 
-@pytest.fixture(scope="module")
-def client():
-    """A 2-worker LocalCluster in this process (threads), for the Dask runs."""
-    distributed = pytest.importorskip("distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as dask_client,
-    ):
-        yield dask_client
-
-
 def config_of(parts, **options):
     """The four features of ``parts``, a quarter of the rows held out (unless told otherwise)."""
     return memory_config(
@@ -109,7 +96,7 @@ def oracle_log_loss(run_dir, rows, Y, weight=None):
 def test_a_second_run_is_compared_with_the_current_model_on_every_backend(
     parts, tmp_path, request, backend
 ):
-    client = request.getfixturevalue("client") if backend == "dask" else None
+    client = request.getfixturevalue("dask_client") if backend == "dask" else None
     runs = Runs(parts, tmp_path / "store", backend, tmp_path / "cache", client)
     rows, Y = raw_validation_rows(parts)
     first = runs.train(backend="memory")
@@ -146,7 +133,7 @@ def test_a_second_run_is_compared_with_the_current_model_on_every_backend(
 def test_a_flipped_positive_label_is_compared_as_the_same_model(parts, tmp_path, request, backend):
     """Run 2 calls 0 the positive class: the current model's P(y = 1) is 1 - P(y' = 1), so
     its log-loss on run 2's labels is its log-loss on run 1's (scikit-learn on raw rows)."""
-    client = request.getfixturevalue("client") if backend == "dask" else None
+    client = request.getfixturevalue("dask_client") if backend == "dask" else None
     runs = Runs(parts, tmp_path / "store", backend, tmp_path / "cache", client)
     rows, Y = raw_validation_rows(parts)
     first = runs.train(backend="memory")
@@ -164,7 +151,7 @@ def test_a_flipped_positive_label_is_compared_as_the_same_model(parts, tmp_path,
 def test_terms_the_runs_do_not_share(parts, tmp_path, request, backend):
     """A current model without some of the new run's terms is measured with them at 0; one
     with a term the new run lacks cannot be measured: not promoted, and why."""
-    client = request.getfixturevalue("client") if backend == "dask" else None
+    client = request.getfixturevalue("dask_client") if backend == "dask" else None
     runs = Runs(parts, tmp_path / "store", backend, tmp_path / "cache", client)
     rows, Y = raw_validation_rows(parts)
     narrow = runs.train(backend="memory", features=["f0", "f1"])
@@ -187,7 +174,7 @@ def test_terms_the_runs_do_not_share(parts, tmp_path, request, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_runs_compare_weighted_log_losses(parts, tmp_path, request, backend):
     """With row weights both models get the weighted mean log-loss, as the run's metrics do."""
-    client = request.getfixturevalue("client") if backend == "dask" else None
+    client = request.getfixturevalue("dask_client") if backend == "dask" else None
     runs = Runs(parts, tmp_path / "store", backend, tmp_path / "cache", client)
     rows, Y, weight = raw_validation_rows(parts, with_weights=True, class_weight="balanced")
     assert np.ptp(weight) > 0.05  # the classes are unbalanced enough to tell the two apart
