@@ -78,24 +78,21 @@ _CONTRACT = {"contract"}
 _ROUND = 6755399441055744.0
 
 
-@intrinsic
-def _float_from_bits(typingctx: Any, bits: Any) -> Any:
-    """The float64 whose IEEE-754 representation is ``bits`` (an int64)."""
+def _bitcast(source: Any, target: Any, target_ir: Any) -> Any:
+    """An intrinsic: the ``target`` value with the same bits as its ``source`` argument."""
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.DoubleType())
+    def cast(typingctx: Any, value: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], target_ir)
 
-    return types.float64(types.int64), codegen
+        return target(source), codegen
+
+    return intrinsic(cast)
 
 
-@intrinsic
-def _bits_of_float(typingctx: Any, x: Any) -> Any:
-    """The IEEE-754 representation of the float64 ``x``, as an int64."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
+# IEEE-754 representations: a float from its bits, the bits of a float.
+_float_from_bits = _bitcast(types.int64, types.float64, ir.DoubleType())
+_bits_of_float = _bitcast(types.float64, types.int64, ir.IntType(64))
 
 
 @nb.njit(inline="always", error_model="numpy", cache=True)
@@ -115,8 +112,7 @@ def _exp_nonpositive(x: float) -> float:
     kf = t - _ROUND  # round(x / ln 2), in [-1022, 0]
     r = (xc - kf * _LN2_HI) - kf * _LN2_LO  # |r| <= ln(2) / 2
     p = _horner(_EXP_TAYLOR, r)
-    # (mypy reads numba's intrinsics as taking the typing context too.)
-    k: int = _bits_of_float(t) - _bits_of_float(_ROUND)  # type: ignore[call-arg]
+    k: int = _bits_of_float(t) - _bits_of_float(_ROUND)
     scale = _float_from_bits((k + 1023) << 52)  # 2**k, a normal number
     return p * scale if x >= _EXP_MIN else 0.0
 
@@ -152,24 +148,8 @@ _ONE_32, _HALF_32, _ZERO_32, _TWO_32 = _F32(1.0), _F32(0.5), _F32(0.0), _F32(2.0
 _BIAS_32, _MANTISSA_32 = np.int32(127), np.int32(23)
 
 
-@intrinsic
-def _float32_from_bits(typingctx: Any, bits: Any) -> Any:
-    """The float32 whose IEEE-754 representation is ``bits`` (an int32)."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _bits_of_float32(typingctx: Any, x: Any) -> Any:
-    """The IEEE-754 representation of the float32 ``x``, as an int32."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
+_float32_from_bits = _bitcast(types.int32, types.float32, ir.FloatType())
+_bits_of_float32 = _bitcast(types.float32, types.int32, ir.IntType(32))
 
 
 @nb.njit(inline="always", error_model="numpy", cache=True)
@@ -189,7 +169,7 @@ def _exp_nonpositive_32(x: Any) -> Any:
     kf = t - _ROUND_32  # round(x / ln 2), in [-126, 0]
     r = (xc - kf * _LN2_HI_32) - kf * _LN2_LO_32  # |r| <= ln(2) / 2
     p = _horner_32(_EXP_TAYLOR_32, r)
-    k: int = _bits_of_float32(t) - _bits_of_float32(_ROUND_32)  # type: ignore[call-arg]
+    k: int = _bits_of_float32(t) - _bits_of_float32(_ROUND_32)
     scale = _float32_from_bits(np.int32((k + _BIAS_32) << _MANTISSA_32))
     return p * scale if x >= _EXP_MIN_32 else _ZERO_32
 
