@@ -1,5 +1,6 @@
 """Shared fixtures: a private Prefect home, one Prefect test server per session, tiny Parquet."""
 
+import contextlib
 import os
 import tempfile
 
@@ -87,12 +88,9 @@ def load(data, **kwargs):
     return load_memory(memory_config(data, **kwargs))
 
 
-@pytest.fixture(scope="module")
-def dask_client():
-    """A 2-worker LocalCluster in this process (threads): seconds to start, not tens.
-
-    One per test module that asks for it.
-    """
+@contextlib.contextmanager
+def local_dask_client():
+    """A 2-worker LocalCluster in this process (threads): seconds to start, not tens."""
     distributed = pytest.importorskip("distributed")
     with (
         distributed.LocalCluster(
@@ -100,4 +98,11 @@ def dask_client():
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """:func:`local_dask_client`, one per test module that asks for it."""
+    with local_dask_client() as client:
         yield client

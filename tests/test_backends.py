@@ -18,7 +18,7 @@ from flows.errors import DataError
 from flows.features import Summary, choose_columns, summarize
 from flows.store import latest
 from lr_kernel import FusedLoss, fit, fit_loss
-from tests.conftest import load_memory, memory_config
+from tests.conftest import load_memory, local_dask_client, memory_config
 
 # Same data, same config: only the float rounding of differently grouped sums differs.
 RTOL = 1e-9
@@ -261,15 +261,10 @@ def test_every_optimizer_on_dask_gives_the_in_memory_fit(parts, dask_client, opt
 
 
 def test_a_lost_dask_worker_fails_the_run_with_a_clear_message(parts):
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")
     from flows.backends.dask_backend import WorkerLostError
 
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+    with local_dask_client() as client:  # its own: the test loses one of its workers
         data = dask_of(parts, client)
 
         def lose_a_worker(iteration, cost):
