@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 import uuid
@@ -24,6 +23,7 @@ from flows import storage
 from flows.dataset import fingerprint, resolve_files
 from flows.errors import DataError
 from flows.storage import ObjectPath, location
+from tests import test_store
 from tests.conftest import write_parquet
 from tests.test_cli import run_cli
 
@@ -360,30 +360,8 @@ def test_a_store_on_s3_keeps_runs_history_and_latest_as_a_local_one(s3_server, b
 
 # --- kill -9 ----------------------------------------------------------------------------------
 
-WRITER = textwrap.dedent(
-    """
-    import sys, uuid
-    from datetime import datetime, timezone
-    import numpy as np
-    from tests.test_store import _candidate, _files, _held_out
-    from flows.storage import location
-    from flows.store import commit_run
-    import flows.scoring, flows.object_store  # imported before "ready"
-
-    store, seed = location(sys.argv[1]), int(sys.argv[2])
-    rng = np.random.default_rng(seed)
-    print("ready", flush=True)
-    for k in range(1_000_000):
-        candidate = _candidate(rng.normal([1.5, -0.5], 0.5), rng.normal(0, 0.3))
-        run_id = str(uuid.uuid4())
-        commit_run(
-            store, _files(candidate, run_id), run_id=run_id,
-            started_at=datetime.now(timezone.utc), data_fingerprint="f", n_examples=k,
-            held_out=_held_out(candidate),
-            promote="always" if k % 3 == 0 else "if-better", keep_runs=3,
-        )
-    """
-)
+# The local store's kill -9 writer: it commits into a directory or an s3:// store alike.
+WRITER = test_store.WRITER
 
 
 @pytest.mark.slow

@@ -36,6 +36,11 @@ def _env(home: Path) -> dict[str, str]:
     }
 
 
+def _train(env, data, output):
+    """``lrflow train`` on the sample (its string key left out) into ``output``."""
+    return _lrflow(env, "train", "--exclude", "id", "--data", str(data), "--output", str(output))
+
+
 def _lrflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
@@ -130,16 +135,7 @@ def test_server_start_is_reused_by_train_and_stops(tmp_path, sample_file):
         status = _lrflow(env, "server", "status")
         assert status.returncode == 0 and state.url in status.stdout
 
-        trained = _lrflow(
-            env,
-            "train",
-            "--exclude",
-            "id",
-            "--data",
-            str(sample_file),
-            "--output",
-            str(tmp_path / "out"),
-        )
+        trained = _train(env, sample_file, tmp_path / "out")
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert HINT not in trained.stderr  # no temporary server was started
         # The run is on the kept server: its flow run link names that server, and
@@ -166,16 +162,7 @@ def test_server_start_is_reused_by_train_and_stops(tmp_path, sample_file):
 @pytest.mark.slow
 def test_train_without_a_server_hints_and_uses_a_temporary_one(tmp_path, sample_file):
     env = _env(tmp_path / "home")
-    trained = _lrflow(
-        env,
-        "train",
-        "--exclude",
-        "id",
-        "--data",
-        str(sample_file),
-        "--output",
-        str(tmp_path / "out"),
-    )
+    trained = _train(env, sample_file, tmp_path / "out")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stderr.splitlines()[0] == HINT
     assert re.search(r"trained on \d+ examples", trained.stdout)

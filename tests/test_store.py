@@ -327,13 +327,14 @@ WRITER = textwrap.dedent(
     """
     import sys, uuid
     from datetime import datetime, timezone
-    from pathlib import Path
     import numpy as np
     from tests.test_store import _candidate, _files, _held_out
+    from flows.storage import location
     from flows.store import commit_run
-    import flows.scoring  # imported before "ready": the kills land in commits, not imports
+    # Imported before "ready": the kills land in commits, not imports.
+    import flows.scoring, flows.object_store
 
-    store, seed = Path(sys.argv[1]), int(sys.argv[2])
+    store, seed = location(sys.argv[1]), int(sys.argv[2])  # a directory or s3://
     rng = np.random.default_rng(seed)
     print("ready", flush=True)
     for k in range(1_000_000):
