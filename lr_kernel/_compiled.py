@@ -863,3 +863,188 @@ exp_nonpositive_32 = nb.vectorize(["float32(float32)"], fastmath=_CONTRACT, cach
 log1p_unit_32 = nb.vectorize(["float32(float32)"], fastmath=_CONTRACT, cache=True)(
     _log1p_unit_32.py_func
 )
+
+
+# The single model over a TiledMatrix (lr_kernel.tiles): per tile of V lines of
+# examples, the forward product over all rows with the tile's scores in V
+# vector registers, the element-wise step, then the backward product into one
+# vector of float64 lane sums per row (kept in L1), while the tile is in L2.
+# Each product also prefetches half of the lines of the tile `ahead` elements
+# on, so that the memory streams while the core computes (RESULTS.md, run 6).
+def _tile_geometry(context: Any, X_type: Any) -> tuple[ir.Type, int, int]:
+    element = context.get_value_type(X_type.dtype)
+    size = context.get_abi_sizeof(element)
+    return element, size, 64 // size
+
+
+def _make_tile_forward(vectors: int) -> Any:
+    """An intrinsic: a tile's ``U = -(wᵀ Xt + b)`` over all rows, ``vectors`` lines wide."""
+
+    @intrinsic
+    def tile_forward(typingctx: Any, Xt: Any, neg_w: Any, neg_b: Any, U: Any, ahead: Any) -> Any:
+        """``U[:width] = neg_b + Σ_i neg_w[i] Xt[i, :]`` (``Xt`` ``(n, width)``, C order).
+
+        The sum runs over ``i`` in order, one rounding per term (FMA). At row
+        ``i`` it prefetches the first half of the row's lines ``ahead``
+        elements on (the tile the share reaches next but some).
+        """
+        sig = types.void(Xt, neg_w, neg_b, U, types.intp)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            X_type, w_type, b_type, U_type, _ = signature.args
+            element, size, lanes = _tile_geometry(context, X_type)
+            vt = _vector_type(element, lanes)
+            Xa = context.make_array(X_type)(context, builder, args[0])
+            Wa = context.make_array(w_type)(context, builder, args[1])
+            Ua = context.make_array(U_type)(context, builder, args[3])
+            start = _splat(builder, context.cast(builder, args[2], b_type, X_type.dtype), lanes)
+            accumulators = [cgutils.alloca_once_value(builder, start) for _ in range(vectors)]
+            zero = ir.Constant(ir.IntType(64), 0)
+            with cgutils.for_range(builder, builder.extract_value(Xa.shape, 0)) as loop:
+                i = loop.index
+                w = _splat(builder, builder.load(builder.gep(Wa.data, [i])), lanes)
+                x_row = _element_pointer(builder, Xa, i, zero)
+                next_row = builder.gep(x_row, [args[4]])
+                for line in range(vectors // 2):
+                    _prefetch(builder, builder.gep(next_row, [_const(i, line * lanes)]))
+                for v, acc in enumerate(accumulators):
+                    x = _load(builder, builder.gep(x_row, [_const(i, v * lanes)]), vt, size)
+                    builder.store(_fma(builder, x, w, builder.load(acc)), acc)
+            for v, acc in enumerate(accumulators):
+                target = builder.gep(Ua.data, [_const(zero, v * lanes)])
+                _store(builder, builder.load(acc), target, size)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_forward
+
+
+def _make_tile_backward(vectors: int) -> Any:
+    """An intrinsic: a tile's ``X dZᵀ`` added to per-row float64 lane sums."""
+
+    @intrinsic
+    def tile_backward(typingctx: Any, Xt: Any, dZ: Any, DW: Any, ahead: Any) -> Any:
+        """``DW[i, :] += Σ_v Xt[i, v-th line] * dZ[v-th line]`` for every row ``i``.
+
+        Per row, the tile's products are summed in ``Xt``'s dtype (two chains,
+        then one add: a block's rounding, as a GEMV), then added to ``DW``
+        ``(n, lanes)`` float64, whose lanes the caller adds at the end. At row
+        ``i`` it prefetches the second half of the row's lines ``ahead`` on.
+        """
+        sig = types.void(Xt, dZ, DW, types.intp)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            X_type, Z_type, W_type, _ = signature.args
+            element, size, lanes = _tile_geometry(context, X_type)
+            vt = _vector_type(element, lanes)
+            Xa = context.make_array(X_type)(context, builder, args[0])
+            Za = context.make_array(Z_type)(context, builder, args[1])
+            Wa = context.make_array(W_type)(context, builder, args[2])
+            zero = ir.Constant(ir.IntType(64), 0)
+            dz = [
+                _load(builder, builder.gep(Za.data, [_const(zero, v * lanes)]), vt, size)
+                for v in range(vectors)
+            ]
+            with cgutils.for_range(builder, builder.extract_value(Xa.shape, 0)) as loop:
+                i = loop.index
+                x_row = _element_pointer(builder, Xa, i, zero)
+                next_row = builder.gep(x_row, [args[3]])
+                for line in range(vectors // 2, vectors):
+                    _prefetch(builder, builder.gep(next_row, [_const(i, line * lanes)]))
+                x = [
+                    _load(builder, builder.gep(x_row, [_const(i, v * lanes)]), vt, size)
+                    for v in range(vectors)
+                ]
+                chains = [builder.fmul(x[0], dz[0]), builder.fmul(x[1], dz[1])]
+                for v in range(2, vectors):
+                    chains[v % 2] = _fma(builder, x[v], dz[v], chains[v % 2])
+                total = builder.fadd(chains[0], chains[1])
+                row = builder.gep(Wa.data, [builder.mul(i, _const(i, lanes))])
+                if element == ir.DoubleType():
+                    _store(builder, builder.fadd(_load(builder, row, vt, 8), total), row, 8)
+                else:  # float32: sixteen lanes, added to float64 sums eight at a time
+                    vt64 = _vector_type(ir.DoubleType(), 8)
+                    for h in range(2):
+                        indices = ir.Constant(
+                            ir.VectorType(ir.IntType(32), 8), list(range(h * 8, h * 8 + 8))
+                        )
+                        half = builder.shuffle_vector(total, ir.Constant(vt, ir.Undefined), indices)
+                        target = builder.gep(row, [_const(i, h * 8)])
+                        wide = builder.fpext(half, vt64)
+                        summed = builder.fadd(_load(builder, target, vt64, 8), wide)
+                        _store(builder, summed, target, 8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_backward
+
+
+_tile_forward_24, _tile_forward_8 = (_make_tile_forward(v) for v in (24, 8))
+_tile_backward_24, _tile_backward_8 = (_make_tile_backward(v) for v in (24, 8))
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def share_sums_tiled(
+    tiles: Any,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_w: Any,
+    b: float,
+    t0: int,
+    t1: int,
+    m: int,
+    ahead_tiles: int,
+    u: Any,
+    losses: Any,
+    DW: Any,
+) -> tuple[float, float]:
+    """:func:`share_sums` over tiles ``[t0, t1)`` of a :class:`lr_kernel.tiles.TiledMatrix`.
+
+    Parameters
+    ----------
+    tiles : C-contiguous ndarray (n_tiles, n, width), float32 or float64;
+        ``width`` is 24 or 8 lines (64 bytes) of examples
+    y, weights, weighted, neg_w, b : as :func:`share_sums`
+    t0, t1 : int, the tiles of this share
+    m : int, the examples (the last tile's columns past ``m`` are padding)
+    ahead_tiles : int, how many tiles on the prefetches reach
+    u : ndarray (width,), ``X``'s dtype, scratch
+    losses : ndarray (width,), float64, scratch
+    DW : ndarray (n, 64 // itemsize), float64, zeroed by the caller; its rows'
+        lane sums are ``Σ X dZᵀ``
+
+    Returns
+    -------
+    loss_sum, db_sum : float, as :func:`share_sums`
+    """
+    n = tiles.shape[1]
+    width = tiles.shape[2]
+    lanes = 64 // tiles.itemsize
+    stride = n * width
+    loss_sum = 0.0
+    db_sum = 0.0
+    for t in range(t0, t1):
+        s = t * width
+        k = min(width, m - s)
+        ahead = ahead_tiles * stride if t + ahead_tiles < t1 else 0
+        if width == 24 * lanes:
+            _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
+        else:
+            _tile_forward_8(tiles[t], neg_w, -b, u, ahead)
+        if weighted:
+            _pointwise_weighted(u, y, weights, s, k, losses)
+        else:
+            _pointwise(u, y, s, k, losses)
+        block_loss, block_db = _sums(losses, u, k)
+        loss_sum += block_loss
+        db_sum += block_db
+        for j in range(k, width):
+            u[j] = 0  # the padding's dZ: no part in X dZᵀ
+        if width == 24 * lanes:
+            _tile_backward_24(tiles[t], u, DW, ahead)
+        else:
+            _tile_backward_8(tiles[t], u, DW, ahead)
+    return loss_sum, db_sum

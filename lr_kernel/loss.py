@@ -11,6 +11,8 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from lr_kernel.tiles import TiledMatrix
+
 FloatArray = NDArray[np.floating]
 T = TypeVar("T")
 
@@ -37,6 +39,9 @@ COMPILED_MIN_ELEMENTS = 2**22
 # GEMM of (n + 1)² multiply-adds, so short steps cost no speed, and keep the
 # scaled copy of the block, (n + 1) x this, small and in cache.
 HESSIAN_BLOCK = 4096
+# How far ahead (bytes of X) the tiled engine prefetches: 8 tiles of 100
+# float64 features; 4 measured slower (RESULTS.md, issue 14 run 6).
+PREFETCH_BYTES = 1_228_800
 
 
 def sigmoid(Z: FloatArray) -> FloatArray:
@@ -137,7 +142,9 @@ def compiled_engine_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def resolve_engine(engine: str, X: FloatArray, n_threads: int) -> Literal["numpy", "numba"]:
+def resolve_engine(
+    engine: str, X: FloatArray | TiledMatrix, n_threads: int
+) -> Literal["numpy", "numba"]:
     """The engine ``"auto"`` stands for, given the data and the threads.
 
     ``"auto"`` is ``"numba"`` when it is installed, ``n_threads > 1`` (one
@@ -154,7 +161,7 @@ def resolve_engine(engine: str, X: FloatArray, n_threads: int) -> Literal["numpy
     if (
         engine == "auto"
         and n_threads > 1
-        and X.flags.c_contiguous
+        and (isinstance(X, TiledMatrix) or X.flags.c_contiguous)
         and X.size >= COMPILED_MIN_ELEMENTS
         and compiled_engine_available()
     ):
@@ -218,7 +225,7 @@ class BlockedPass:
 
     def __init__(
         self,
-        X: FloatArray,
+        X: FloatArray | TiledMatrix,
         Y: FloatArray,
         block_size: int | None,
         n_threads: int,
@@ -350,7 +357,7 @@ class FusedLoss(BlockedPass):
 
     def __init__(
         self,
-        X: FloatArray,
+        X: FloatArray | TiledMatrix,
         Y: FloatArray,
         *,
         sample_weight: FloatArray | None = None,
@@ -360,7 +367,12 @@ class FusedLoss(BlockedPass):
     ) -> None:
         self.engine = resolve_engine(engine, X, n_threads)
         compiled = self.engine == "numba"
+        # Over a TiledMatrix the compiled engine's block is a tile.
+        self._tiled = compiled and isinstance(X, TiledMatrix)
         default_block = compiled_block_size if compiled else default_block_size
+        if compiled and isinstance(X, TiledMatrix):
+            block_size = X.width
+            self._tiles: FloatArray = X.tiles
         super().__init__(X, Y, block_size, n_threads, default_block, sample_weight)
         block, dtype = self.block_size, X.dtype
         # Per thread: the compiled engine's U/dZ and per-example losses, or the
@@ -373,7 +385,21 @@ class FusedLoss(BlockedPass):
         self._compiled_scratch: list[tuple[FloatArray, NDArray[np.float64]]] = []
         self._scratch: list[tuple[FloatArray, FloatArray, FloatArray]] = []
         self._gemv_out: list[FloatArray] = []
-        if compiled:
+        self._lane_sums: list[NDArray[np.float64]] = []
+        if self._tiled:
+            from lr_kernel._compiled import share_sums_tiled  # imports numba
+
+            self._compiled_share = share_sums_tiled
+            self._compiled_scratch = [
+                (np.empty(block, dtype), np.empty(block, np.float64)) for _ in self._shares
+            ]
+            # Per thread: one 64-byte line of float64 lane sums per row (X dZᵀ).
+            self._lane_sums = [
+                np.zeros((self.n_features, 64 // dtype.itemsize)) for _ in self._shares
+            ]
+            tile_bytes = self.n_features * block * dtype.itemsize
+            self._ahead_tiles = max(1, PREFETCH_BYTES // tile_bytes)
+        elif compiled:
             from lr_kernel._compiled import share_sums  # imports numba
 
             self._compiled_share = share_sums
@@ -471,10 +497,12 @@ class FusedLoss(BlockedPass):
     ) -> tuple[float, NDArray[np.float64], float, NDArray[np.float64]]:
         """One thread's blocks of :meth:`hessian_sums`."""
         X, n, dtype = self.X, self.n_features, self.dtype
+        tiled = isinstance(X, TiledMatrix)
+        step = HESSIAN_BLOCK if tiled else min(self.block_size, HESSIAN_BLOCK)
         if share not in self._hessian_scratch:
             # Per thread, kept from call to call: the scaled block [Xb; 1] diag(√c),
             # Z's buffer, per-example losses and the curvature.
-            block = min(self.block_size, HESSIAN_BLOCK)
+            block = step
             self._hessian_scratch[share] = (
                 np.empty((n + 1, block), dtype),
                 np.empty(block, dtype),
@@ -493,14 +521,19 @@ class FusedLoss(BlockedPass):
         dw_sum = np.zeros(n, dtype=np.float64)  # (n,)
         H_sum = np.zeros((n + 1, n + 1), dtype=np.float64)
         m = self.n_examples
-        step = min(self.block_size, HESSIAN_BLOCK)
         share_stop = min(self._shares[share][-1] + self.block_size, m)
         for start in range(self._shares[share][0], share_stop, step):
             stop = min(start + step, share_stop)
             k = stop - start
-            Xb = X[:, start:stop]  # (n, k) view
+            Xb = X[:, start:stop]  # (n, k): a view, or over tiles a copy
             curvature = curvature_buffer[:k]
-            if compiled is not None:
+            if compiled is not None and tiled:
+                block_weights = row_weights if self.s is None else row_weights[start:stop]
+                block_loss, block_db = compiled(
+                    Xb, self.y[start:stop], block_weights, self.s is not None, neg_w, b, 0, k,
+                    u_buffer, loss_buffer, curvature, dw_sum,
+                )  # fmt: skip
+            elif compiled is not None:
                 block_loss, block_db = compiled(
                     X, self.y, row_weights, self.s is not None, neg_w, b, start, stop,
                     u_buffer, loss_buffer, curvature, dw_sum,
@@ -564,6 +597,27 @@ class FusedLoss(BlockedPass):
         self, share: int, neg_w: FloatArray, b: float
     ) -> tuple[float, NDArray[np.float64], float]:
         """Unnormalized loss, ``X dZᵀ`` and ``Σ dZ`` over one thread's blocks."""
+        if self._tiled:
+            starts = self._shares[share]
+            u, losses = self._compiled_scratch[share]
+            lane_sums = self._lane_sums[share]
+            lane_sums.fill(0.0)
+            loss, db = self._compiled_share(
+                self._tiles,
+                self.y,
+                self._no_weights if self.s is None else self.s,
+                self.s is not None,
+                neg_w,
+                b,
+                starts[0] // self.block_size,
+                starts[-1] // self.block_size + 1,
+                self.n_examples,
+                self._ahead_tiles,
+                u,
+                losses,
+                lane_sums,
+            )
+            return float(loss), lane_sums.sum(axis=1), float(db)
         if self._compiled_share is not None:
             starts = self._shares[share]
             u, losses = self._compiled_scratch[share]
