@@ -33,9 +33,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 # Counts the compiled engine's own allocations (section_memory); read when numba loads.
 os.environ.setdefault("NUMBA_NRT_STATS", "1")
 
+from flows.backends.memory import small_pages_empty
 from flows.threads import kernel_threads
 from lr_kernel import FusedLoss, FusedLossMany, fit, fit_many, loss_and_gradients_naive
 from lr_kernel.reference import loss_and_gradients_double_loop, loss_and_gradients_loop
+from lr_kernel.tiles import TiledMatrix
 
 
 def machine_lines() -> list[str]:
@@ -237,6 +239,11 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
     for dtype in (np.float64, np.float32):
         X, Y = make_data(n, m, correlated=False, dtype=dtype)
         w = np.full((n, 1), 0.01, dtype=dtype)
+        # The memory backend's layout: X in tiles of examples, in 4 KiB pages.
+        tiled = TiledMatrix.empty(n, m, X.dtype, allocate=small_pages_empty)
+        tiled.set_columns(0, X)
+        tiles_all = FusedLoss(tiled, Y, n_threads=CORES, engine="numba")
+        tiles_one = FusedLoss(tiled, Y, engine="numba")
         numba_all = FusedLoss(X, Y, n_threads=CORES, engine="numba")
         numba_one = FusedLoss(X, Y, engine="numba")
         numpy_all = FusedLoss(X, Y, n_threads=CORES, engine="numpy")
@@ -249,13 +256,20 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
         }
         reads_one: dict[str, Callable[[], object]] = {
             f"read: X.sum() in {CORES} threads, BLAS at 1": threaded_sum(X, pool, CORES),
+            f"read: the tiles' sum in {CORES} threads": threaded_sum(
+                tiled.tiles.reshape(-1, tiled.width), pool, CORES
+            ),
         }
         kernels_one: dict[str, Callable[[], object]] = {
-            f"numba engine, {CORES} threads, BLAS at 1 (the flows)": (
+            f"numba engine over tiles, {CORES} threads, BLAS at 1 (the flows)": (
+                lambda f=tiles_all, w=w: f(w, 0.1)
+            ),
+            "numba engine over tiles, 1 thread": lambda f=tiles_one, w=w: f(w, 0.1),
+            f"numba engine over the (n, m) array, {CORES} threads, BLAS at 1": (
                 lambda f=numba_all, w=w: f(w, 0.1)
             ),
             f"numpy engine, {CORES} threads, BLAS at 1": lambda f=numpy_all, w=w: f(w, 0.1),
-            "numba engine, 1 thread, BLAS at 1": lambda f=numba_one, w=w: f(w, 0.1),
+            "numba engine over the (n, m) array, 1 thread": lambda f=numba_one, w=w: f(w, 0.1),
         }
         for call in (*reads_threaded.values(), *kernels_one.values(), *reads_one.values()):
             call()  # compiled code loaded, pages touched, pool started
@@ -289,7 +303,7 @@ def section_roofline(n: int, m: int, repeats: int) -> list[str]:
             f"per round: {wins}) "
             "| | | | |"
         )
-        del X, Y, numba_all, numba_one, numpy_all, numpy_one
+        del X, Y, tiled, tiles_all, tiles_one, numba_all, numba_one, numpy_all, numpy_one
     pool.shutdown()
     return [*lines, "", *summary]
 

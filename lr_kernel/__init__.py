@@ -3,7 +3,11 @@
 Conventions
 -----------
 - ``X`` is ``(n_features, n_examples)``: one example per column, C-contiguous, so
-  each feature is one contiguous row. The kernel only reads ``X``.
+  each feature is one contiguous row. The kernel only reads ``X``. Or ``X`` is a
+  :class:`TiledMatrix`, the same matrix stored in tiles of examples (each tile
+  one contiguous run of memory), which the compiled engine reads at the speed
+  of a plain sequential read; the memory backend of the flows holds its
+  training rows so.
 - ``Y`` is ``(1, n_examples)`` of 0.0/1.0 in ``X``'s dtype.
 - ``w`` is ``(n_features, 1)``; ``b`` is a Python float. The intercept is never
   penalized.
@@ -48,6 +52,7 @@ from lr_kernel.loss import (
     predict_proba,
     sigmoid,
 )
+from lr_kernel.tiles import TiledMatrix
 from lr_kernel.train import (
     OPTIMIZERS,
     FitResult,
@@ -70,6 +75,7 @@ __all__ = [
     "SecondOrderLoss",
     "StopReason",
     "StopRule",
+    "TiledMatrix",
     "TrainState",
     "compiled_engine_available",
     "default_block_size",
