@@ -1,5 +1,7 @@
 """The in-memory backend's X in tiles: the same values and the same runs as in columns."""
 
+import mmap
+
 import numpy as np
 import polars as pl
 import pytest
@@ -69,6 +71,11 @@ def test_tiles_hold_exactly_the_columns_values(tmp_path, monkeypatch, dtype, spl
     m, X = columns.n_examples, tiles.train.X
     last = X.tiles[-1, :, m - (X.n_tiles - 1) * X.width :]
     np.testing.assert_array_equal(last, 0.0)  # the padding stays zero
+    storage = X.tiles
+    while isinstance(storage, np.ndarray):
+        storage = storage.base
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # allocated by small_pages_empty
+        assert isinstance(storage, memoryview) and isinstance(storage.obj, mmap.mmap)
     np.testing.assert_array_equal(tiles.train.Y, columns.train.Y)
     if weight:
         np.testing.assert_array_equal(tiles.train.weight, columns.train.weight)
