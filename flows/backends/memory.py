@@ -170,7 +170,11 @@ def open_memory(
     ``engine`` are the kernel's as the run asks for them: where they resolve
     to the compiled engine (:func:`kernel_setting_over`), the training rows'
     ``X`` is held as tiles, each block written into one reused scratch block
-    and copied into its tiles.
+    and copied into its tiles: one block more at the peak, and a copy of
+    ``X`` more in time (at 1M x 140 float64, pairwise medians: 1.04-1.06x the
+    peak RSS of 1.6 GB, i.e. the ~0.09 GB block, and 1.12-1.16x the 2.1-2.3 s,
+    ``benchmarks/features_bench.py``), for fits whose every pass reads ``X``
+    faster.
     """
     files = plan.files + (() if validation is None else validation.files)
     # Hashing the files' bytes (~1 s per 400 MB) overlaps the two passes: hashlib
