@@ -1,9 +1,13 @@
 """Rows into X: the feature plan (two passes, X filled batch by batch) against Polars' own
 ``to_dummies`` + ``to_numpy`` on the same file. Prints a table: time and peak memory.
 
-Each measurement runs in a fresh process (peak RSS is per process), the two
-methods alternate round by round, and the table gives medians and the ratio
-of each round's pair. ``X`` is float64 in both: ours ``(n_terms, m)`` C order,
+``plan`` holds ``X`` as the ``(n, m)`` ndarray (the NumPy engine's layout),
+``plan-tiles`` as tiles (:class:`lr_kernel.tiles.TiledMatrix`, the compiled
+engine's: each block filled in one scratch block, then copied into its tiles).
+
+Each measurement runs in a fresh process (peak RSS is per process), the
+methods alternate round by round, and the table gives medians and the ratios
+of pairs of one round. ``X`` is float64 in all: ours ``(n_terms, m)`` C order (or tiles),
 Polars' ``(m, n_terms)`` F order (the same bytes in memory).
 
     python benchmarks/features_bench.py --rows 10000000 --rounds 3
@@ -48,7 +52,7 @@ def make_file(path: Path, rows: int, seed: int = 0) -> None:
     writer.close()
 
 
-def run_ours(path: str) -> dict[str, float]:
+def run_ours(path: str, tiled: bool) -> dict[str, float]:
     from flows.backends.memory import open_memory
     from flows.backends.passes import settings_of
     from flows.config import TrainConfig
@@ -57,7 +61,8 @@ def run_ours(path: str) -> dict[str, float]:
     config = TrainConfig(data=path, output="unused", validation_fraction=0)
     plan = plan_inputs(path)
     clock = time.perf_counter()
-    data = open_memory(plan, None, settings_of(config, plan))
+    engine = "numba" if tiled else "numpy"  # the layout of X follows the engine
+    data = open_memory(plan, None, settings_of(config, plan), threads=2, engine=engine)
     seconds = time.perf_counter() - clock
     X = data.train.X
     return {"seconds": seconds, "x_bytes": X.nbytes, "shape": list(X.shape)}
@@ -76,7 +81,7 @@ def run_polars(path: str) -> dict[str, float]:
 
 
 def child(method: str, path: str) -> None:
-    found = run_ours(path) if method == "plan" else run_polars(path)
+    found = run_polars(path) if method == "polars" else run_ours(path, method == "plan-tiles")
     found["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(found))
 
@@ -93,9 +98,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.parquet"
         make_file(path, args.rows)
-        results: dict[str, list[dict[str, float]]] = {"plan": [], "polars": []}
+        results: dict[str, list[dict[str, float]]] = {"plan": [], "plan-tiles": [], "polars": []}
         for _ in range(args.rounds):
-            for method in ("plan", "polars"):  # alternate: the same load on both
+            for method in results:  # alternate: the same load on each
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", method, str(path)],
                     check=True,
@@ -103,10 +108,12 @@ def main() -> None:
                     text=True,
                 )
                 results[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        ratios = [
-            a["seconds"] / b["seconds"]
-            for a, b in zip(results["plan"], results["polars"], strict=True)
-        ]
+
+        def ratios(a: str, b: str, key: str = "seconds") -> str:
+            pairs = [x[key] / y[key] for x, y in zip(results[a], results[b], strict=True)]
+            rounds = ", ".join(f"{r:.2f}" for r in pairs)
+            return f"median {statistics.median(pairs):.2f} (rounds: {rounds})"
+
         shape = f"{N_NUMERIC} numeric + {N_CATEGORICAL} categorical x {N_LEVELS} levels"
         print(f"rows {args.rows:,}: {shape}")
         print("| method | X shape | X GB | median s | min s | peak RSS GB | peak - X GB |")
@@ -119,10 +126,9 @@ def main() -> None:
                 f"{statistics.median(times):.2f} | {min(times):.2f} | {peak / 1e9:.2f} | "
                 f"{(peak - runs[0]['x_bytes']) / 1e9:.2f} |"
             )
-        print(
-            f"plan / polars time, pairwise: median {statistics.median(ratios):.2f} "
-            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
+        print(f"plan / polars time, pairwise: {ratios('plan', 'polars')}")
+        print(f"plan-tiles / plan time, pairwise: {ratios('plan-tiles', 'plan')}")
+        print(f"plan-tiles / plan peak RSS, pairwise: {ratios('plan-tiles', 'plan', 'peak_rss')}")
 
 
 if __name__ == "__main__":

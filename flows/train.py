@@ -23,7 +23,7 @@ from flows.artifacts import (
     publish_run_artifacts,
     training_progress,
 )
-from flows.backends import TrainingData, open_training_data, plan_run
+from flows.backends import TrainingData, open_training_data, plan_run, requested_kernel
 from flows.checkpoint import checkpoint_key, checkpoint_path, save_checkpoint, state_to_resume
 from flows.config import TrainConfig
 from flows.errors import DataError, DivergedError, LrflowError
@@ -38,7 +38,7 @@ from flows.store import (
     read_history,
     summary_line,
 )
-from flows.threads import available_cores, import_in_background, kernel_threads
+from flows.threads import import_in_background, kernel_threads
 from lr_kernel import FitResult, LossFunction, fit_loss
 from lr_kernel.metrics import HeldOutCost
 
@@ -138,7 +138,7 @@ def fit_dataset(
 
 def kernel_setting(data: TrainingData, config: TrainConfig) -> tuple[int, str]:
     """The kernel's threads and engine (``"auto"`` resolved where the data allows)."""
-    return data.kernel_setting(config.threads or available_cores(), config.engine)
+    return data.kernel_setting(*requested_kernel(config))
 
 
 def resolve_learning_rate(data: TrainingData, config: TrainConfig) -> float | None:
@@ -362,7 +362,7 @@ def publish_artifacts(
 
 @task(name="search", cache_policy=NO_CACHE)
 def search_model(data: TrainingData, config: TrainConfig) -> SearchResult:
-    return run_search(data, config, n_threads=config.threads or available_cores())
+    return run_search(data, config, n_threads=requested_kernel(config)[0])
 
 
 def publish_search(search: SearchResult) -> None:

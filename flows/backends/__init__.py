@@ -20,6 +20,7 @@ from flows.config import TrainConfig
 from flows.dataset import InputPlan, count_rows
 from flows.errors import LrflowError
 from flows.features import FeaturePlan
+from flows.threads import available_cores
 from lr_kernel import GridFitResult, LossFunction, Optimizer
 from lr_kernel.loss import SecondOrderLoss, hessian_from_sums, loss_from_sums
 
@@ -150,6 +151,13 @@ def cache_root(config: TrainConfig) -> Path:
     return Path(tempfile.gettempdir()) / "lrflow-cache"
 
 
+def requested_kernel(config: TrainConfig) -> tuple[int, str]:
+    """The kernel's threads and engine as the run asks for them (threads: the available
+    cores by default); each backend resolves them for its data
+    (:meth:`TrainingData.kernel_setting`)."""
+    return config.threads or available_cores(), config.engine
+
+
 def open_training_data(
     config: TrainConfig, plan: InputPlan, validation: InputPlan | None = None
 ) -> TrainingData:
@@ -165,7 +173,8 @@ def open_training_data(
     if backend == "memory":
         from flows.backends.memory import open_memory
 
-        return open_memory(plan, validation, prep)
+        threads, engine = requested_kernel(config)
+        return open_memory(plan, validation, prep, threads=threads, engine=engine)
     if backend == "stream":
         from flows.backends.stream import open_stream
 
