@@ -1114,7 +1114,9 @@ def share_sums_many_tiled(
     prefetches the same lines ``ahead_tiles`` tiles on, then from L2 by the
     other products. The last tile's columns past ``m`` (padding) are never
     read, so they add no loss and no ``dZ``. One model (``lanes == 1``) runs
-    :func:`share_sums_tiled`, the single model's tile loop.
+    :func:`share_sums_tiled`, the single model's tile loop, where the tiles
+    are 24 or 8 lines wide (:func:`lr_kernel.tiles.tile_width`'s), else
+    :func:`share_sums`'s loops tile by tile.
 
     Parameters
     ----------
@@ -1126,8 +1128,9 @@ def share_sums_many_tiled(
     """
     groups, n, lanes = neg_W.shape
     width = tiles.shape[2]
-    if lanes == 1:
-        lane_sums = np.zeros((n, 64 // tiles.itemsize))  # (n, lanes of a line), float64
+    line = 64 // tiles.itemsize
+    if lanes == 1 and (width == 24 * line or width == 8 * line):
+        lane_sums = np.zeros((n, line))  # (n, lanes of a line), float64
         for g in range(groups):
             lane_sums[:] = 0.0
             block_loss, block_db = share_sums_tiled(

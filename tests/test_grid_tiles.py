@@ -186,3 +186,17 @@ def test_fit_many_on_tiles_equals_fit_many_on_the_ndarray(
     np.testing.assert_allclose(got.b[finite], expected.b[finite], rtol=rtol, atol=rtol)
     for k in np.flatnonzero(finite):
         np.testing.assert_allclose(got.cost_history[k], expected.cost_history[k], rtol=rtol)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_tiles_of_any_width(K):
+    # A TiledMatrix made by hand, 40 examples a tile (5 float64 lines, neither
+    # tile_width's 24 nor 8): the single model's tile loop does not fit it.
+    X, Y, W, b, l2, _ = problem(6, 300, K, np.float64, False, seed=K)
+    tiles = np.zeros((8, 6, 40))
+    for t in range(8):
+        tiles[t, :, : min(40, 300 - 40 * t)] = X[:, 40 * t : 40 * (t + 1)]
+    T = TiledMatrix(tiles, 300)
+    got = FusedLossMany(T, Y, n_models=K, n_threads=2, engine="numba")(W, b, l2)
+    expected = FusedLossMany(X, Y, n_models=K, n_threads=2, engine="numba")(W, b, l2)
+    assert_passes_equal(got, expected, 1e-12)
