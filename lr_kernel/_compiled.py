@@ -1112,11 +1112,12 @@ def share_sums_many_tiled(
     Each tile is a block (:func:`_block_many` on ``tiles[t]``, its columns
     ``[0, k)``): read from memory by the first group's forward product, which
     prefetches the same lines ``ahead_tiles`` tiles on, then from L2 by the
-    other products. The last tile's columns past ``m`` (padding) are never
-    read, so they add no loss and no ``dZ``. One model (``lanes == 1``) runs
-    :func:`share_sums_tiled`, the single model's tile loop, where the tiles
-    are 24 or 8 lines wide (:func:`lr_kernel.tiles.tile_width`'s), else
-    :func:`share_sums`'s loops tile by tile.
+    other products. The last tile's columns past ``m`` (padding) add no loss
+    and no ``dZ``: the groups never read them. One model (``lanes == 1``) runs
+    :func:`share_sums_tiled`, the single model's tile loop (which zeroes the
+    padding's ``dZ``), where the tiles are 24 or 8 lines wide
+    (:func:`lr_kernel.tiles.tile_width`'s), else :func:`share_sums`'s loops
+    tile by tile.
 
     Parameters
     ----------
