@@ -36,7 +36,8 @@ The element-wise step runs over a group's values as one array, in two loops,
 and for float32 in float32 arithmetic. At 1M x 100 on 2 cores, K = 8 costs
 1.6-2.0x one model per pass (float64 and float32), against 2.4-3.0x and
 3.2-3.5x with the vectorizer's loops (``benchmarks/RESULTS.md``, issue 14,
-run 4).
+run 4). :func:`share_sums_many_tiled` runs the same block over the tiles of a
+:class:`lr_kernel.tiles.TiledMatrix`, a tile per block.
 
 Importing this module imports numba and defines the kernels; each dtype is
 compiled on first use and cached on disk (``cache=True``).
@@ -774,6 +775,64 @@ def _lane_sums_any(A: Any, k: int, out: Any) -> None:
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
+def _block_many(
+    X: Any,
+    s: int,
+    e: int,
+    offset: int,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_W: Any,
+    neg_b: Any,
+    ahead: int,
+    U: Any,
+    losses: Any,
+    y_lanes: Any,
+    weight_lanes: Any,
+    loss_sum: Any,
+    db_sum: Any,
+    dW: Any,
+) -> None:
+    """One block of :func:`share_sums_many`: columns ``[s, e)`` of ``X``, every group.
+
+    The block's examples are ``[offset, offset + e - s)`` of ``y`` and
+    ``weights`` (``offset = s`` for the ``(n, m)`` ``X``, the tile's first
+    example for a tile). ``ahead`` (elements along a row, 0 for none) is where
+    the first group's forward product prefetches the block read next: the
+    next block's columns, or the same columns of a later tile. Other arguments
+    as :func:`share_sums_many`.
+    """
+    groups, _, lanes = neg_W.shape
+    k = e - s
+    for t in range(k):
+        for c in range(lanes):
+            y_lanes[t * lanes + c] = y[offset + t]
+    if weighted:
+        for t in range(k):
+            for c in range(lanes):
+                weight_lanes[t * lanes + c] = weights[offset + t]
+    if lanes == 1:
+        # One model per group (see lanes_for): share_sums's loops on this block.
+        zero = U.dtype.type(0)  # the single-model loops' accumulators, in X's dtype
+        for g in range(groups):
+            u = U[:k]
+            _forward(X, neg_W[g, :, 0], -neg_b[g, 0], s, e, u)
+            _pointwise_split(u, y_lanes, weight_lanes, weighted, k, losses)
+            block_loss, block_db = _sums(losses, u, k)
+            loss_sum[g, 0] += block_loss
+            db_sum[g, 0] += block_db
+            _backward(X, s, e, u, zero, dW[g, :, 0])
+        return
+    for g in range(groups):
+        _forward_lanes(X, neg_W[g], neg_b[g], s, e, U, ahead if g == 0 else 0)
+        _pointwise_split(U, y_lanes, weight_lanes, weighted, k * lanes, losses)
+        _lane_sums_any(losses, k, loss_sum[g])
+        _lane_sums_any(U, k, db_sum[g])
+        _backward_lanes(X, s, e, U, dW[g])
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
 def share_sums_many(
     X: Any,
     y: Any,
@@ -794,7 +853,8 @@ def share_sums_many(
 ) -> None:
     """:func:`share_sums` for groups of ``LANES`` models: one thread's share, block by block.
 
-    Per block ``[s, e)``, for each group ``g`` while the block is in L2::
+    Per block ``[s, e)``, for each group ``g`` while the block is in L2
+    (:func:`_block_many`)::
 
         U  = -(W_gᵀ Xb + b_g)     tiles of 24 examples x 8 models in registers;
                                   the next block's lines prefetched meanwhile
@@ -818,37 +878,14 @@ def share_sums_many(
         ``Σ s (softplus(z) - y z)`` and ``Σ dz`` per model
     dW : ndarray (G, n, lanes), float64, zeroed by the caller; receives ``X dZᵀ``
     """
-    groups, _, lanes = neg_W.shape
-    zero = U.dtype.type(0)  # the single-model loops' accumulators, in X's dtype
     for s in range(start, stop, block):
         e = min(s + block, stop)
-        k = e - s
         # The next block of this share, or this one again (already cached) at its end.
         ahead = block if e < stop else 0
-        for t in range(k):
-            for c in range(lanes):
-                y_lanes[t * lanes + c] = y[s + t]
-        if weighted:
-            for t in range(k):
-                for c in range(lanes):
-                    weight_lanes[t * lanes + c] = weights[s + t]
-        if lanes == 1:
-            # One model per group (see lanes_for): share_sums's loops on this block.
-            for g in range(groups):
-                u = U[:k]
-                _forward(X, neg_W[g, :, 0], -neg_b[g, 0], s, e, u)
-                _pointwise_split(u, y_lanes, weight_lanes, weighted, k, losses)
-                block_loss, block_db = _sums(losses, u, k)
-                loss_sum[g, 0] += block_loss
-                db_sum[g, 0] += block_db
-                _backward(X, s, e, u, zero, dW[g, :, 0])
-            continue
-        for g in range(groups):
-            _forward_lanes(X, neg_W[g], neg_b[g], s, e, U, ahead if g == 0 else 0)
-            _pointwise_split(U, y_lanes, weight_lanes, weighted, k * lanes, losses)
-            _lane_sums_any(losses, k, loss_sum[g])
-            _lane_sums_any(U, k, db_sum[g])
-            _backward_lanes(X, s, e, U, dW[g])
+        _block_many(
+            X, s, e, s, y, weights, weighted, neg_W, neg_b, ahead,
+            U, losses, y_lanes, weight_lanes, loss_sum, db_sum, dW,
+        )  # fmt: skip
 
 
 # The scalar functions above as ufuncs over float64 arrays, for tests.
@@ -1048,3 +1085,70 @@ def share_sums_tiled(
         else:
             _tile_backward_8(tiles[t], u, DW, ahead)
     return loss_sum, db_sum
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def share_sums_many_tiled(
+    tiles: Any,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_W: Any,
+    neg_b: Any,
+    t0: int,
+    t1: int,
+    m: int,
+    ahead_tiles: int,
+    U: Any,
+    losses: Any,
+    y_lanes: Any,
+    weight_lanes: Any,
+    loss_sum: Any,
+    db_sum: Any,
+    dW: Any,
+) -> None:
+    """:func:`share_sums_many` over tiles ``[t0, t1)`` of a :class:`lr_kernel.tiles.TiledMatrix`.
+
+    Each tile is a block (:func:`_block_many` on ``tiles[t]``, its columns
+    ``[0, k)``): read from memory by the first group's forward product, which
+    prefetches the same lines ``ahead_tiles`` tiles on, then from L2 by the
+    other products. The last tile's columns past ``m`` (padding) add no loss
+    and no ``dZ``: the groups never read them. One model (``lanes == 1``) runs
+    :func:`share_sums_tiled`, the single model's tile loop (which zeroes the
+    padding's ``dZ``), where the tiles are 24 or 8 lines wide
+    (:func:`lr_kernel.tiles.tile_width`'s), else :func:`share_sums`'s loops
+    tile by tile.
+
+    Parameters
+    ----------
+    tiles : C-contiguous ndarray (n_tiles, n, width), float32 or float64
+    t0, t1, m, ahead_tiles : as :func:`share_sums_tiled`
+    U, y_lanes, weight_lanes : ndarray (width * LANES,), ``X``'s dtype, scratch
+    losses : ndarray (width * LANES,), float64, scratch
+    y, weights, weighted, neg_W, neg_b, loss_sum, db_sum, dW : as :func:`share_sums_many`
+    """
+    groups, n, lanes = neg_W.shape
+    width = tiles.shape[2]
+    line = 64 // tiles.itemsize
+    if lanes == 1 and (width == 24 * line or width == 8 * line):
+        lane_sums = np.zeros((n, line))  # (n, lanes of a line), float64
+        for g in range(groups):
+            lane_sums[:] = 0.0
+            block_loss, block_db = share_sums_tiled(
+                tiles, y, weights, weighted, neg_W[g, :, 0], -float(neg_b[g, 0]), t0, t1, m,
+                ahead_tiles, U[:width], losses[:width], lane_sums,
+            )  # fmt: skip
+            loss_sum[g, 0] += block_loss
+            db_sum[g, 0] += block_db
+            for i in range(n):
+                dW[g, i, 0] += lane_sums[i].sum()
+        return
+    stride = n * width  # elements from a row of one tile to the same row of the next
+    for t in range(t0, t1):
+        offset = t * width
+        k = min(width, m - offset)
+        ahead = ahead_tiles * stride if t + ahead_tiles < t1 else 0
+        _block_many(
+            tiles[t], 0, k, offset, y, weights, weighted, neg_W, neg_b, ahead,
+            U, losses, y_lanes, weight_lanes, loss_sum, db_sum, dW,
+        )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,6 +19,7 @@ from lr_kernel.loss import (
     FloatArray,
     resolve_engine,
 )
+from lr_kernel.tiles import TiledMatrix
 from lr_kernel.train import OPTIMIZERS, SEARCHING, FitResult, Optimizer, fit
 
 # Bytes of X in one block, half FusedLoss's: the second GEMM, which reads the
@@ -37,6 +38,11 @@ COMPILED_GRID_BLOCK_BYTES = 192 * 2**10
 # 240 examples x 16 bytes, 30 KiB) then stay in L1 through the element-wise
 # step. A multiple of the forward tile's 24 examples.
 COMPILED_GRID_MAX_BLOCK = 240
+# Over a TiledMatrix the block is a tile, and the first group's forward product
+# prefetches the tile this many tiles on. K = 8 takes longer per tile than the
+# tile takes to arrive, so the next one suffices: 1M x 100 on 2 threads, 2 and
+# 8 tiles were no faster (8: 1.1-1.2x slower).
+COMPILED_GRID_AHEAD_TILES = 1
 
 Values = float | Sequence[float] | NDArray[np.floating]
 
@@ -71,8 +77,9 @@ class FusedLossMany(BlockedPass):
 
     Parameters
     ----------
-    X : ndarray of shape (n_features, n_examples), float32 or float64
-        Column-stacked, unit stride along examples; only read.
+    X : ndarray of shape (n_features, n_examples), float32 or float64, or TiledMatrix
+        Column-stacked, unit stride along examples, or in tiles
+        (:class:`~lr_kernel.tiles.TiledMatrix`); only read.
     Y : ndarray of shape (1, n_examples), ``X``'s dtype, 0.0/1.0
     n_models : int
         Most models per call (``K``); a call may pass fewer (e.g. only the
@@ -95,7 +102,11 @@ class FusedLossMany(BlockedPass):
         step (in float32 arithmetic for float32 ``X``), then ``Xb dZᵀ`` by
         tiles of 12 rows, while the next block is prefetched into L2. The last
         group is padded with zero models. ``X`` with other strides than unit
-        along examples is copied once to C order.
+        along examples is copied once to C order. Over a
+        :class:`~lr_kernel.tiles.TiledMatrix` the blocks are its tiles
+        (:func:`lr_kernel._compiled.share_sums_many_tiled`, ``block_size`` is
+        ignored), each read from memory once, with no copy; the NumPy engine
+        copies each block out of the tiles (``X[:, a:b]``).
         ``"auto"``: as :func:`~lr_kernel.loss.resolve_engine` decides
         for one model. The chosen one is ``self.engine``.
 
@@ -110,7 +121,7 @@ class FusedLossMany(BlockedPass):
 
     def __init__(
         self,
-        X: FloatArray,
+        X: FloatArray | TiledMatrix,
         Y: FloatArray,
         *,
         n_models: int,
@@ -123,6 +134,11 @@ class FusedLossMany(BlockedPass):
             raise ValueError(f"n_models must be >= 1, got {n_models}")
         self.engine = resolve_engine(engine, X, n_threads)
         compiled = self.engine == "numba"
+        # Over a TiledMatrix the compiled engine's block is a tile.
+        self._tiled = compiled and isinstance(X, TiledMatrix)
+        if isinstance(X, TiledMatrix) and compiled:
+            block_size = X.width
+            self._tiles: FloatArray = X.tiles
         super().__init__(
             X,
             Y,
@@ -135,6 +151,10 @@ class FusedLossMany(BlockedPass):
         )
         self.n_models = n_models
         n, block = self.n_features, self.block_size
+        if self._tiled:
+            # A whole tile, even where X has fewer examples (the single-model
+            # tile loop writes the padding's scores too).
+            block = self._tiles.shape[2]
         self._compiled_share: Any = None
         self._lanes_for: Callable[[int], int] = lambda n_models: n_models
         self._compiled_scratch: list[
@@ -142,12 +162,21 @@ class FusedLossMany(BlockedPass):
         ] = []
         self._scratch: list[tuple[FloatArray, ...]] = []
         if compiled:
-            from lr_kernel._compiled import LANES, lanes_for, share_sums_many  # imports numba
+            from lr_kernel._compiled import (  # imports numba
+                LANES,
+                lanes_for,
+                share_sums_many,
+                share_sums_many_tiled,
+            )
 
-            if X.strides[1] != X.itemsize:
-                # The compiled tiles step through a row one element at a time.
-                self.X = np.ascontiguousarray(X)
-            self._compiled_share = share_sums_many
+            if self._tiled:
+                self._compiled_share = share_sums_many_tiled
+                self._ahead_tiles = COMPILED_GRID_AHEAD_TILES
+            else:
+                if isinstance(X, np.ndarray) and X.strides[1] != X.itemsize:
+                    # The compiled tiles step through a row one element at a time.
+                    self.X = np.ascontiguousarray(X)
+                self._compiled_share = share_sums_many
             self._lanes_for = lanes_for
             # Per thread: scores then dZ, losses, Y and the row weights, each
             # example's value repeated for the LANES models of a group.
@@ -239,24 +268,21 @@ class FusedLossMany(BlockedPass):
         loss_sum = np.zeros((groups, lanes), dtype=np.float64)
         db_sum = np.zeros((groups, lanes), dtype=np.float64)
         dW_sum = np.zeros((groups, n, lanes), dtype=np.float64)
-        self._compiled_share(
-            self.X,
-            self.y,
-            self._no_weights if self.s is None else self.s,
-            self.s is not None,
-            neg_W,
-            neg_b,
-            starts[0],
-            min(starts[-1] + self.block_size, self.n_examples),
-            self.block_size,
-            U,
-            losses,
-            y_lanes,
-            weight_lanes,
-            loss_sum,
-            db_sum,
-            dW_sum,
-        )
+        weights = self._no_weights if self.s is None else self.s
+        scratch = (U, losses, y_lanes, weight_lanes, loss_sum, db_sum, dW_sum)
+        if self._tiled:
+            # The share's tiles [t0, t1) (a block is a tile), the examples, the prefetch.
+            self._compiled_share(
+                self._tiles, self.y, weights, self.s is not None, neg_W, neg_b,
+                starts[0] // self.block_size, starts[-1] // self.block_size + 1,
+                self.n_examples, self._ahead_tiles, *scratch,
+            )  # fmt: skip
+        else:
+            stop = min(starts[-1] + self.block_size, self.n_examples)
+            self._compiled_share(
+                self.X, self.y, weights, self.s is not None, neg_W, neg_b,
+                starts[0], stop, self.block_size, *scratch,
+            )  # fmt: skip
         dW = dW_sum.transpose(1, 0, 2).reshape(n, groups * lanes)[:, :K]  # (n, K)
         return loss_sum.reshape(-1)[:K], dW, db_sum.reshape(-1)[:K]
 
@@ -277,7 +303,7 @@ class FusedLossMany(BlockedPass):
         for start in self._shares[share]:
             stop = min(start + self.block_size, m)
             k = stop - start
-            Xb = X[:, start:stop]  # (n, k) view, rows strided by m
+            Xb = X[:, start:stop]  # (n, k): a view, or over tiles a C-contiguous copy
             yb = y[start:stop]  # (k,)
             U = U_flat[: K * k].reshape(K, k)
             V = V_flat[: K * k].reshape(K, k)
@@ -405,7 +431,7 @@ def grid_candidates(
 
 
 def fit_many(
-    X: FloatArray,
+    X: FloatArray | TiledMatrix,
     Y: FloatArray,
     *,
     learning_rate: Values | None = None,
@@ -423,7 +449,8 @@ def fit_many(
 ) -> GridFitResult:
     """Train the grid of every ``l2`` times every learning rate, together on the same ``X``.
 
-    Arguments are :func:`lr_kernel.fit`'s,
+    Arguments are :func:`lr_kernel.fit`'s (``X`` may be a
+    :class:`~lr_kernel.tiles.TiledMatrix`, as for :class:`FusedLossMany`),
     except that ``l2`` and ``learning_rate`` may be sequences (see
     :func:`grid_candidates` for the candidates' order) and ``callback`` gets
     ``(iteration, cost)`` with ``cost`` of shape ``(K,)``, NaN for candidates
@@ -472,7 +499,8 @@ def fit_many(
                 callback(iteration, costs)
 
         return fit(
-            X,
+            # fit's FusedLoss takes a TiledMatrix too; fit's annotation names ndarrays only.
+            cast(FloatArray, X),
             Y,
             learning_rate=None if searching else float(rates[k]),
             iterations=iterations,
