@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -499,8 +499,7 @@ def fit_many(
                 callback(iteration, costs)
 
         return fit(
-            # fit's FusedLoss takes a TiledMatrix too; fit's annotation names ndarrays only.
-            cast(FloatArray, X),
+            X,
             Y,
             learning_rate=None if searching else float(rates[k]),
             iterations=iterations,

@@ -371,6 +371,12 @@ class FusedLoss(BlockedPass):
         self._tiled = compiled and isinstance(X, TiledMatrix)
         default_block = compiled_block_size if compiled else default_block_size
         if compiled and isinstance(X, TiledMatrix):
+            lanes = 64 // X.dtype.itemsize
+            if X.width not in (24 * lanes, 8 * lanes):
+                raise ValueError(
+                    f"the compiled engine reads tiles of 24 or 8 lines of {lanes} examples, "
+                    f"not of {X.width}: make X with TiledMatrix.empty or from_array"
+                )
             block_size = X.width
             self._tiles: FloatArray = X.tiles
         super().__init__(X, Y, block_size, n_threads, default_block, sample_weight)
@@ -390,14 +396,15 @@ class FusedLoss(BlockedPass):
             from lr_kernel._compiled import share_sums_tiled  # imports numba
 
             self._compiled_share = share_sums_tiled
+            width = self._tiles.shape[2]  # a whole tile, even where m is less
             self._compiled_scratch = [
-                (np.empty(block, dtype), np.empty(block, np.float64)) for _ in self._shares
+                (np.empty(width, dtype), np.empty(width, np.float64)) for _ in self._shares
             ]
             # Per thread: one 64-byte line of float64 lane sums per row (X dZᵀ).
             self._lane_sums = [
                 np.zeros((self.n_features, 64 // dtype.itemsize)) for _ in self._shares
             ]
-            tile_bytes = self.n_features * block * dtype.itemsize
+            tile_bytes = self.n_features * width * dtype.itemsize
             self._ahead_tiles = max(1, PREFETCH_BYTES // tile_bytes)
         elif compiled:
             from lr_kernel._compiled import share_sums  # imports numba

@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 
 from lr_kernel.convergence import StopReason, StopRule, gradient_max
 from lr_kernel.loss import Engine, FloatArray, FusedLoss, LossFunction, SecondOrderLoss
+from lr_kernel.tiles import TiledMatrix
 
 Optimizer = Literal["gd", "nesterov", "lbfgs", "newton", "auto"]
 OPTIMIZERS: tuple[Optimizer, ...] = ("gd", "nesterov", "lbfgs", "newton", "auto")
@@ -210,7 +211,7 @@ class _History:
 
 
 def fit(
-    X: FloatArray,
+    X: FloatArray | TiledMatrix,
     Y: FloatArray,
     *,
     learning_rate: float | None = None,
@@ -237,7 +238,7 @@ def fit(
 
     Parameters
     ----------
-    X : ndarray of shape (n_features, n_examples)
+    X : ndarray of shape (n_features, n_examples), or a :class:`~lr_kernel.TiledMatrix`
         Column-stacked, float32 or float64; never written.
     Y : ndarray of shape (1, n_examples)
         0.0/1.0 labels in ``X``'s dtype.

@@ -166,3 +166,21 @@ def test_the_tiled_calls_allocate_nothing_but_their_arguments_headers():
             _nrt_python.memsys_disable_stats()
     assert after.alloc - before.alloc == 5 * 3 * 7
     assert after.alloc - before.alloc == after.free - before.free
+
+
+@pytest.mark.parametrize("m", [1, 50])
+def test_fewer_examples_than_a_tile_fill_only_their_own_columns(m):
+    # The scratch is a whole tile wide, whatever m: the kernel writes a tile's scores.
+    X, Y = make_problem(n=5, m=m, seed=m)
+    w = np.full((5, 1), 0.3)
+    got = FusedLoss(TiledMatrix.from_array(X), Y, n_threads=2, engine="numba")(w, 0.1)
+    ref = loss_and_gradients_naive(X, Y, w, 0.1)
+    assert got[0] == pytest.approx(ref[0], rel=1e-12)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-12, atol=1e-15)
+
+
+def test_the_compiled_engine_refuses_tiles_of_another_width():
+    odd = TiledMatrix(np.zeros((2, 3, 40)), 70)  # 5 float64 lines a tile
+    with pytest.raises(ValueError, match="tiles of 24 or 8 lines of 8 examples, not of 40"):
+        FusedLoss(odd, np.zeros((1, 70)), engine="numba")
+    assert FusedLoss(odd, np.zeros((1, 70)), engine="numpy")(np.zeros((3, 1)), 0.0)[0] > 0

@@ -96,7 +96,7 @@ class MemoryData:
     def fit_candidates(self, grid: Grid) -> GridFitResult:
         """All candidates together: one pass over ``X`` per iteration for all of them."""
         return fit_many(
-            self.train.X,  # type: ignore[arg-type]  # a TiledMatrix: fit_many is to take it
+            self.train.X,
             self.train.Y,
             l2=list(grid.l2),
             learning_rate=None if grid.learning_rate is None else list(grid.learning_rate),
