@@ -249,3 +249,45 @@ def test_a_train_run_over_tiles_equals_the_numpy_run(prefect_api, tmp_path, monk
     got = tiles_run["metrics"].sort("split", "metric")
     assert got.select("split", "metric").equals(metrics.select("split", "metric"))
     np.testing.assert_allclose(got["value"].to_numpy(), metrics["value"].to_numpy(), rtol=1e-9)
+
+
+def test_many_passes_are_expected_of_long_first_order_fits_alone(tmp_path):
+    from flows.backends import HUGE_PAGES_MIN_PASSES, expects_many_passes
+
+    def config(**kwargs):
+        return memory_config(tmp_path / "x.parquet", **kwargs)
+
+    assert expects_many_passes(config(optimizer="gd", iterations=1000))
+    assert expects_many_passes(config(optimizer="nesterov", iterations=HUGE_PAGES_MIN_PASSES))
+    assert not expects_many_passes(config(optimizer="gd", iterations=HUGE_PAGES_MIN_PASSES - 1))
+    for optimizer in ("newton", "lbfgs", "auto"):
+        assert not expects_many_passes(config(optimizer=optimizer, iterations=1000))
+
+
+@needs_numba
+@pytest.mark.parametrize(("optimizer", "allocator"), [("gd", "huge"), ("newton", "small")])
+def test_the_tiles_of_a_long_first_order_fit_are_in_huge_pages(
+    tmp_path, monkeypatch, optimizer, allocator
+):
+    made = []
+
+    def spy(name, allocate):
+        def record(shape, dtype):
+            made.append((name, shape))
+            return allocate(shape, dtype)
+
+        return record
+
+    monkeypatch.setattr(
+        memory_backend, "huge_pages_empty", spy("huge", memory_backend.huge_pages_empty)
+    )
+    monkeypatch.setattr(
+        memory_backend, "small_pages_empty", spy("small", memory_backend.small_pages_empty)
+    )
+    path = write_parts(tmp_path / "parts", rows=3000)
+    data = open_memory_data(path, engine="numba", threads=2, optimizer=optimizer, iterations=500)
+    X = data.train.X
+    assert isinstance(X, TiledMatrix)
+    tiles_shape = (X.n_tiles * X.shape[0], X.width)
+    assert (allocator, tiles_shape) in made
+    assert ("huge" if allocator == "small" else "small", tiles_shape) not in made

@@ -158,6 +158,18 @@ def requested_kernel(config: TrainConfig) -> tuple[int, str]:
     return config.threads or available_cores(), config.engine
 
 
+# A first-order fit of at least this many iterations (``gd``, ``nesterov``) gets
+# the in-memory tiles in huge pages: ~0.8 s more to fill per 0.8 GB, ~3.6 ms
+# less per pass (flows.backends.memory.huge_pages_empty).
+HUGE_PAGES_MIN_PASSES = 250
+
+
+def expects_many_passes(config: TrainConfig) -> bool:
+    """Whether the run's fit reads ``X`` hundreds of times: ``gd`` or ``nesterov``
+    with ``iterations >= HUGE_PAGES_MIN_PASSES`` (Newton and L-BFGS take tens)."""
+    return config.optimizer in ("gd", "nesterov") and config.iterations >= HUGE_PAGES_MIN_PASSES
+
+
 def open_training_data(
     config: TrainConfig, plan: InputPlan, validation: InputPlan | None = None
 ) -> TrainingData:
@@ -174,7 +186,14 @@ def open_training_data(
         from flows.backends.memory import open_memory
 
         threads, engine = requested_kernel(config)
-        return open_memory(plan, validation, prep, threads=threads, engine=engine)
+        return open_memory(
+            plan,
+            validation,
+            prep,
+            threads=threads,
+            engine=engine,
+            many_passes=expects_many_passes(config),
+        )
     if backend == "stream":
         from flows.backends.stream import open_stream
 

@@ -147,11 +147,30 @@ def small_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     NumPy's allocation was in huge pages at all, ``/proc/self/smaps`` did not
     show: ``AnonHugePages`` read 0 for both.)
     """
+    return _anonymous_empty(shape, dtype, "MADV_NOHUGEPAGE")
+
+
+def huge_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` in transparent huge pages (2 MiB), where the system allows.
+
+    For the tiles of a fit that makes many passes: the compiled engine's pass
+    over tiles in 4 KiB pages took 1.15x (float64) and 1.14x (float32) the
+    time of one over huge pages at 1M x 100 (22.9 against 26.5 ms, 15.4
+    against 17.6 ms, pairwise medians of 21 rounds, 2026-12-02): a TLB miss
+    every 4 KiB of the stream. The first touch cost 1.0-1.3 s per 0.8 GB
+    against 0.32-0.44 s in 4 KiB pages, so huge pages pay from ~200 passes on
+    (:data:`flows.backends.HUGE_PAGES_MIN_PASSES`).
+    """
+    return _anonymous_empty(shape, dtype, "MADV_HUGEPAGE")
+
+
+def _anonymous_empty(shape: tuple[int, int], dtype: np.dtype, advice: str) -> np.ndarray:
+    """An uninitialized array in its own anonymous mapping, advised ``mmap.<advice>``."""
     nbytes = shape[0] * shape[1] * dtype.itemsize
-    if not nbytes or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+    if not nbytes or not hasattr(mmap, advice):
         return np.empty(shape, dtype=dtype)
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    pages.madvise(mmap.MADV_NOHUGEPAGE)
+    pages.madvise(getattr(mmap, advice))
     return np.frombuffer(pages, dtype=dtype).reshape(shape)  # the array keeps the pages
 
 
@@ -161,6 +180,7 @@ def open_memory(
     prep: PlanSettings,
     threads: int = 1,
     engine: str = "auto",
+    many_passes: bool = False,
 ) -> MemoryData:
     """Two passes over the files: the summaries and the plan, then ``X`` filled batch by batch.
 
@@ -174,7 +194,10 @@ def open_memory(
     ``X`` more in time (at 1M x 140 float64, pairwise medians: 1.04-1.06x the
     peak RSS of 1.6 GB, i.e. the ~0.09 GB block, and 1.12-1.16x the 2.1-2.3 s,
     ``benchmarks/features_bench.py``), for fits whose every pass reads ``X``
-    faster.
+    faster. The tiles are in 4 KiB pages (:func:`small_pages_empty`), or with
+    ``many_passes`` (a first-order fit of hundreds of iterations,
+    :func:`flows.backends.expects_many_passes`) in huge pages
+    (:func:`huge_pages_empty`): dearer to fill, cheaper to read.
     """
     files = plan.files + (() if validation is None else validation.files)
     # Hashing the files' bytes (~1 s per 400 MB) overlaps the two passes: hashlib
@@ -193,7 +216,8 @@ def open_memory(
     X = {part: small_pages_empty((n, size), dtype) for part, size in sizes.items()}  # (n, m)
     tiles: TiledMatrix | None = None
     if kernel_setting_over(X[False], threads, engine)[1] == "numba":
-        tiles = TiledMatrix.empty(n, sizes[False], dtype, allocate=small_pages_empty)
+        allocate = huge_pages_empty if many_passes else small_pages_empty
+        tiles = TiledMatrix.empty(n, sizes[False], dtype, allocate=allocate)
         # X[False], of which no page was touched yet, gives way to the plan's scratch
         # block: a tile's columns are no (n, k) view, so each block is filled there,
         # then copied into its tiles (one batch, reused).
