@@ -336,7 +336,11 @@ def grid_table(n: int, m: int, repeats: int, iterations: int, dtype: type) -> li
     divided by the loss calls it makes, so that it includes the updates and
     the stop rules' bookkeeping. Everything under ``kernel_threads(CORES)``.
     """
-    X, Y = make_data(n, m, correlated=False, dtype=dtype)
+    columns, Y = make_data(n, m, correlated=False, dtype=dtype)
+    # The flows' layout (the memory backend's tiles; huge pages, as for a long gd fit).
+    X = TiledMatrix.empty(n, m, columns.dtype, allocate=huge_pages_empty)
+    X.set_columns(0, columns)
+    del columns
     w = np.full((n, 1), 0.01, dtype=dtype)
     Ks = (1, 2, 4, 8)
     single = FusedLoss(X, Y, n_threads=CORES)
@@ -367,7 +371,7 @@ def grid_table(n: int, m: int, repeats: int, iterations: int, dtype: type) -> li
     engine = single.engine
     lines = [
         f"### Many models: K = {'/'.join(map(str, Ks))} per iteration in the flows' setting, "
-        f"n = {n}, m = {m:,}, {np.dtype(dtype).name}",
+        f"n = {n}, m = {m:,}, {np.dtype(dtype).name}, `X` in tiles (huge pages)",
         "",
         f"`pass`: one loss+gradient of K models ({repeats} interleaved rounds); K = 1 is "
         f"`FusedLoss` (engine='auto': {engine}), K >= 2 `FusedLossMany` (engine='auto': "
