@@ -1066,7 +1066,8 @@ def share_sums_tiled(
     for t in range(t0, t1):
         s = t * width
         k = min(width, m - s)
-        ahead = ahead_tiles * stride if t + ahead_tiles < t1 else 0
+        # Past the run's end too: the next run is taken next, by this thread or another.
+        ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
         if width == 24 * lanes:
             _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
         else:
@@ -1147,8 +1148,80 @@ def share_sums_many_tiled(
     for t in range(t0, t1):
         offset = t * width
         k = min(width, m - offset)
-        ahead = ahead_tiles * stride if t + ahead_tiles < t1 else 0
+        # Past the run's end too: the next run is taken next, by this thread or another.
+        ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
         _block_many(
             tiles[t], 0, k, offset, y, weights, weighted, neg_W, neg_b, ahead,
             U, losses, y_lanes, weight_lanes, loss_sum, db_sum, dW,
         )  # fmt: skip
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def tiles_curvature(
+    tiles: Any,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_w: Any,
+    b: float,
+    t0: int,
+    t1: int,
+    m: int,
+    ahead_tiles: int,
+    u: Any,
+    losses: Any,
+    curvature: Any,
+    DW: Any,
+) -> tuple[float, float]:
+    """:func:`share_sums_tiled` over tiles ``[t0, t1)`` plus each example's curvature.
+
+    ``curvature[(t - t0) * width + j]`` receives ``s a (1 - a)`` (float64) of
+    tile ``t``'s example ``j`` (the padding's entries are left as they were),
+    for the caller's block product over the same tiles while they are in
+    cache (:func:`scale_tiles`, then a BLAS call). Other arguments and
+    results as :func:`share_sums_tiled`.
+    """
+    n = tiles.shape[1]
+    width = tiles.shape[2]
+    lanes = 64 // tiles.itemsize
+    stride = n * width
+    loss_sum = 0.0
+    db_sum = 0.0
+    for t in range(t0, t1):
+        s = t * width
+        k = min(width, m - s)
+        ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
+        if width == 24 * lanes:
+            _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
+        else:
+            _tile_forward_8(tiles[t], neg_w, -b, u, ahead)
+        o = (t - t0) * width
+        _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature[o : o + k])
+        block_loss, block_db = _sums(losses, u, k)
+        loss_sum += block_loss
+        db_sum += block_db
+        for j in range(k, width):
+            u[j] = 0  # the padding's dZ: no part in X dZᵀ
+        if width == 24 * lanes:
+            _tile_backward_24(tiles[t], u, DW, ahead)
+        else:
+            _tile_backward_8(tiles[t], u, DW, ahead)
+    return loss_sum, db_sum
+
+
+@nb.njit(nogil=True, boundscheck=False, fastmath=_CONTRACT, cache=True)
+def scale_tiles(tiles: Any, t0: int, t1: int, m: int, scale: Any, B: Any) -> None:
+    """``B[:n, :k] = X[:, t0 w : t0 w + k] diag(scale[:k])`` from tiles ``[t0, t1)``.
+
+    ``k`` is the tiles' examples (less the padding); ``B`` is ``(n + 1, >= k)``
+    C-contiguous in ``X``'s dtype; ``scale`` float64. One pass over the tiles
+    (from cache, after :func:`tiles_curvature`), no other copy of ``X``.
+    """
+    n = tiles.shape[1]
+    width = tiles.shape[2]
+    for t in range(t0, t1):
+        o = (t - t0) * width
+        k = min(width, m - t * width)
+        for i in range(n):
+            for j in range(k):
+                B[i, o + j] = tiles[t, i, j] * scale[o + j]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -42,6 +43,9 @@ HESSIAN_BLOCK = 4096
 # How far ahead (bytes of X) the tiled engine prefetches: 8 tiles of 100
 # float64 features; 4 measured slower (RESULTS.md, issue 14 run 6).
 PREFETCH_BYTES = 1_228_800
+# Runs of tiles a pass is cut into, whatever the threads (see FusedLoss._tiled_sums):
+# ~1 ms each at 1M x 100, and a compiled call apiece (~10 µs).
+TILE_CHUNKS = 16
 
 
 def sigmoid(Z: FloatArray) -> FloatArray:
@@ -391,7 +395,6 @@ class FusedLoss(BlockedPass):
         self._compiled_scratch: list[tuple[FloatArray, NDArray[np.float64]]] = []
         self._scratch: list[tuple[FloatArray, FloatArray, FloatArray]] = []
         self._gemv_out: list[FloatArray] = []
-        self._lane_sums: list[NDArray[np.float64]] = []
         if self._tiled:
             from lr_kernel._compiled import share_sums_tiled  # imports numba
 
@@ -400,10 +403,17 @@ class FusedLoss(BlockedPass):
             self._compiled_scratch = [
                 (np.empty(width, dtype), np.empty(width, np.float64)) for _ in self._shares
             ]
-            # Per thread: one 64-byte line of float64 lane sums per row (X dZᵀ).
-            self._lane_sums = [
-                np.zeros((self.n_features, 64 // dtype.itemsize)) for _ in self._shares
-            ]
+            # The tiles in TILE_CHUNKS runs, fixed by the data alone, which the
+            # threads take in turn as they finish the last; each run's sums are
+            # kept apart and added in run order, so the result has the same
+            # bits whatever the threads (and their timing).
+            n_tiles = self._tiles.shape[0]
+            n_chunks = min(TILE_CHUNKS, n_tiles)
+            bounds = [n_tiles * c // n_chunks for c in range(n_chunks + 1)]
+            self._chunks = list(itertools.pairwise(bounds))
+            # Per run: (loss, Σ dZ), and a 64-byte line of float64 lane sums per row.
+            self._chunk_totals = np.zeros((n_chunks, 2))
+            self._chunk_lanes = np.zeros((n_chunks, self.n_features, 64 // dtype.itemsize))
             tile_bytes = self.n_features * width * dtype.itemsize
             self._ahead_tiles = max(1, PREFETCH_BYTES // tile_bytes)
         elif compiled:
@@ -444,6 +454,8 @@ class FusedLoss(BlockedPass):
         the totals into the cost and gradients.
         """
         neg_w = np.negative(w.reshape(-1), dtype=self.dtype)  # (n,), so the GEMV gives -Z
+        if self._tiled:
+            return self._tiled_sums(neg_w, float(b))
         partials = self._map_shares(lambda k: self._sum_blocks(k, neg_w, float(b)))
         # Summed in share order whatever the threads' timing: reproducible bits.
         loss_sum = math.fsum(p[0] for p in partials)
@@ -503,8 +515,10 @@ class FusedLoss(BlockedPass):
         self, share: int, neg_w: FloatArray, b: float
     ) -> tuple[float, NDArray[np.float64], float, NDArray[np.float64]]:
         """One thread's blocks of :meth:`hessian_sums`."""
+        if self._tiled:
+            return self._tiled_hessian_blocks(share, neg_w, b)
         X, n, dtype = self.X, self.n_features, self.dtype
-        tiled = isinstance(X, TiledMatrix)
+        tiled = isinstance(X, TiledMatrix)  # NumPy engine: blocks copied out of the tiles
         step = HESSIAN_BLOCK if tiled else min(self.block_size, HESSIAN_BLOCK)
         if share not in self._hessian_scratch:
             # Per thread, kept from call to call: the scaled block [Xb; 1] diag(√c),
@@ -534,13 +548,7 @@ class FusedLoss(BlockedPass):
             k = stop - start
             Xb = X[:, start:stop]  # (n, k): a view, or over tiles a copy
             curvature = curvature_buffer[:k]
-            if compiled is not None and tiled:
-                block_weights = row_weights if self.s is None else row_weights[start:stop]
-                block_loss, block_db = compiled(
-                    Xb, self.y[start:stop], block_weights, self.s is not None, neg_w, b, 0, k,
-                    u_buffer, loss_buffer, curvature, dw_sum,
-                )  # fmt: skip
-            elif compiled is not None:
+            if compiled is not None:
                 block_loss, block_db = compiled(
                     X, self.y, row_weights, self.s is not None, neg_w, b, start, stop,
                     u_buffer, loss_buffer, curvature, dw_sum,
@@ -557,6 +565,49 @@ class FusedLoss(BlockedPass):
             B[n] = curvature
             H_sum += B @ B.T  # (n + 1, n + 1): the block product, Xb still in cache
         return loss_sum, dw_sum, db_sum, H_sum
+
+    def _tiled_hessian_blocks(
+        self, share: int, neg_w: FloatArray, b: float
+    ) -> tuple[float, NDArray[np.float64], float, NDArray[np.float64]]:
+        """:meth:`_hessian_blocks` over tiles: per group of tiles (~1 MiB of ``X``),
+        the compiled pass with the curvature, then the scaled block
+        ``[Xb; 1] diag(√c)`` built from the tiles while they are in cache, and its
+        product. No copy of ``X`` beyond that block."""
+        from lr_kernel._compiled import scale_tiles, tiles_curvature
+
+        n, dtype, width = self.n_features, self.dtype, self._tiles.shape[2]
+        # Tiles per block product: the scaled block ~1 MiB, in L2 for its GEMM.
+        group = max(1, COMPILED_BLOCK_BYTES // ((n + 1) * width * dtype.itemsize))
+        if share not in self._hessian_scratch:
+            self._hessian_scratch[share] = (
+                np.empty((n + 1, group * width), dtype),  # [Xb; 1] diag(√c)
+                np.empty(width, dtype),  # a tile's U, then dZ
+                np.empty((2, group * width), np.float64),  # a tile's losses; the curvature
+            )
+        scaled, u, float_buffers = self._hessian_scratch[share]
+        losses, curvature = float_buffers[0, :width], float_buffers[1]
+        lanes = np.zeros((n, 64 // dtype.itemsize))
+        weights = self._no_weights if self.s is None else self.s
+        H_sum = np.zeros((n + 1, n + 1), dtype=np.float64)
+        loss_sum = 0.0
+        db_sum = 0.0
+        m = self.n_examples
+        first, last = self._shares[share][0] // width, self._shares[share][-1] // width + 1
+        for t0 in range(first, last, group):
+            t1 = min(t0 + group, last)
+            k = min(t1 * width, m) - t0 * width
+            block_loss, block_db = tiles_curvature(
+                self._tiles, self.y, weights, self.s is not None, neg_w, b, t0, t1, m,
+                self._ahead_tiles, u, losses, curvature, lanes,
+            )  # fmt: skip
+            loss_sum += block_loss
+            db_sum += block_db
+            root = np.sqrt(curvature[:k])
+            B = scaled[:, :k]  # (n + 1, k)
+            scale_tiles(self._tiles, t0, t1, m, root, B)
+            B[n] = root
+            H_sum += B @ B.T  # (n + 1, n + 1)
+        return loss_sum, lanes.sum(axis=1), db_sum, H_sum
 
     def _curvature_block(
         self,
@@ -600,31 +651,32 @@ class FusedLoss(BlockedPass):
         dw_sum += Xb @ Z.astype(self.dtype, copy=False)  # (n,), Xb still in cache
         return float(losses.sum()), float(Z.sum())
 
+    def _tiled_sums(self, neg_w: FloatArray, b: float) -> tuple[float, NDArray[np.float64], float]:
+        """:meth:`partial_sums` over tiles: each thread takes the next run of tiles
+        until none is left, so a thread slowed by another process's load costs
+        the pass one run, not half of it."""
+        runs = itertools.count()  # next() is atomic under the GIL
+        weights = self._no_weights if self.s is None else self.s
+
+        def take(share: int) -> None:
+            u, losses = self._compiled_scratch[share]
+            while (c := next(runs)) < len(self._chunks):
+                lanes = self._chunk_lanes[c]
+                lanes.fill(0.0)
+                self._chunk_totals[c] = self._compiled_share(
+                    self._tiles, self.y, weights, self.s is not None, neg_w, b,
+                    *self._chunks[c], self.n_examples, self._ahead_tiles, u, losses, lanes,
+                )  # fmt: skip
+
+        self._map_shares(take)
+        loss_sum = math.fsum(self._chunk_totals[:, 0].tolist())
+        db_sum = math.fsum(self._chunk_totals[:, 1].tolist())
+        return loss_sum, self._chunk_lanes.sum(axis=(0, 2)), db_sum
+
     def _sum_blocks(
         self, share: int, neg_w: FloatArray, b: float
     ) -> tuple[float, NDArray[np.float64], float]:
         """Unnormalized loss, ``X dZᵀ`` and ``Σ dZ`` over one thread's blocks."""
-        if self._tiled:
-            starts = self._shares[share]
-            u, losses = self._compiled_scratch[share]
-            lane_sums = self._lane_sums[share]
-            lane_sums.fill(0.0)
-            loss, db = self._compiled_share(
-                self._tiles,
-                self.y,
-                self._no_weights if self.s is None else self.s,
-                self.s is not None,
-                neg_w,
-                b,
-                starts[0] // self.block_size,
-                starts[-1] // self.block_size + 1,
-                self.n_examples,
-                self._ahead_tiles,
-                u,
-                losses,
-                lane_sums,
-            )
-            return float(loss), lane_sums.sum(axis=1), float(db)
         if self._compiled_share is not None:
             starts = self._shares[share]
             u, losses = self._compiled_scratch[share]
