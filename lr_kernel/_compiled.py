@@ -1057,35 +1057,9 @@ def share_sums_tiled(
     -------
     loss_sum, db_sum : float, as :func:`share_sums`
     """
-    n = tiles.shape[1]
-    width = tiles.shape[2]
-    lanes = 64 // tiles.itemsize
-    stride = n * width
-    loss_sum = 0.0
-    db_sum = 0.0
-    for t in range(t0, t1):
-        s = t * width
-        k = min(width, m - s)
-        # Past the run's end too: the next run is taken next, by this thread or another.
-        ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
-        if width == 24 * lanes:
-            _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
-        else:
-            _tile_forward_8(tiles[t], neg_w, -b, u, ahead)
-        # The two-loop element-wise step (float32 scores in float32): 1.4x
-        # (float64) and 1.8x (float32) faster than one loop on a tile's values.
-        tile_weights = weights[s : s + k] if weighted else weights
-        _pointwise_split(u, y[s : s + k], tile_weights, weighted, k, losses)
-        block_loss, block_db = _sums(losses, u, k)
-        loss_sum += block_loss
-        db_sum += block_db
-        for j in range(k, width):
-            u[j] = 0  # the padding's dZ: no part in X dZᵀ
-        if width == 24 * lanes:
-            _tile_backward_24(tiles[t], u, DW, ahead)
-        else:
-            _tile_backward_8(tiles[t], u, DW, ahead)
-    return loss_sum, db_sum
+    return _tiles_pass(
+        tiles, y, weights, weighted, neg_w, b, t0, t1, m, ahead_tiles, u, losses, False, losses, DW
+    )
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
@@ -1181,6 +1155,31 @@ def tiles_curvature(
     cache (:func:`scale_tiles`, then a BLAS call). Other arguments and
     results as :func:`share_sums_tiled`.
     """
+    return _tiles_pass(
+        tiles, y, weights, weighted, neg_w, b, t0, t1, m, ahead_tiles, u, losses, True, curvature,
+        DW,
+    )  # fmt: skip
+
+
+@nb.njit(nogil=True, boundscheck=False, cache=True)
+def _tiles_pass(
+    tiles: Any,
+    y: Any,
+    weights: Any,
+    weighted: bool,
+    neg_w: Any,
+    b: float,
+    t0: int,
+    t1: int,
+    m: int,
+    ahead_tiles: int,
+    u: Any,
+    losses: Any,
+    with_curvature: bool,
+    curvature: Any,
+    DW: Any,
+) -> tuple[float, float]:
+    """The tile loop of :func:`share_sums_tiled` (and of :func:`tiles_curvature`)."""
     n = tiles.shape[1]
     width = tiles.shape[2]
     lanes = 64 // tiles.itemsize
@@ -1190,13 +1189,20 @@ def tiles_curvature(
     for t in range(t0, t1):
         s = t * width
         k = min(width, m - s)
+        # Past the run's end too: the next run is taken next, by this thread or another.
         ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
         if width == 24 * lanes:
             _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
         else:
             _tile_forward_8(tiles[t], neg_w, -b, u, ahead)
-        o = (t - t0) * width
-        _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature[o : o + k])
+        if with_curvature:
+            o = (t - t0) * width
+            _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature[o : o + k])
+        else:
+            # The two-loop element-wise step (float32 scores in float32): 1.4x
+            # (float64) and 1.8x (float32) faster than one loop on a tile's values.
+            tile_weights = weights[s : s + k] if weighted else weights
+            _pointwise_split(u, y[s : s + k], tile_weights, weighted, k, losses)
         block_loss, block_db = _sums(losses, u, k)
         loss_sum += block_loss
         db_sum += block_db

@@ -156,21 +156,28 @@ def test_the_compiled_calls_allocate_nothing_but_their_arguments_headers():
     # tracemalloc does not see numba's allocator; its own counters do. Each
     # compiled call wraps its 7 array arguments in one MemInfo header apiece; an
     # array made inside the kernel would add allocations of its own.
-    from numba.core.runtime import _nrt_python, rtsys
-
     X, Y = make_problem(n=9, m=6_000, seed=11)
     loss = FusedLoss(X, Y, block_size=700, n_threads=3, engine="numba")
     w = np.full((9, 1), 0.1)
-    loss(w, 0.2)
+    allocated, freed = compiled_allocations(lambda: loss(w, 0.2), times=5)
+    assert allocated == 5 * 3 * 7
+    assert allocated == freed  # nothing kept
+
+
+def compiled_allocations(call, times):
+    """What ``times`` calls of ``call`` allocate and free through numba's allocator
+    (after one call to warm up), counted by its own statistics."""
+    from numba.core.runtime import _nrt_python, rtsys
+
+    call()
     enabled = _nrt_python.memsys_stats_enabled()
     _nrt_python.memsys_enable_stats()
     try:
         before = rtsys.get_allocation_stats()
-        for _ in range(5):
-            loss(w, 0.2)
+        for _ in range(times):
+            call()
         after = rtsys.get_allocation_stats()
     finally:
         if not enabled:
             _nrt_python.memsys_disable_stats()
-    assert after.alloc - before.alloc == 5 * 3 * 7
-    assert after.alloc - before.alloc == after.free - before.free  # nothing kept
+    return after.alloc - before.alloc, after.free - before.free

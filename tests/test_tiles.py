@@ -5,6 +5,7 @@ import pytest
 
 from lr_kernel import FusedLoss, fit, loss_and_gradients_naive
 from lr_kernel.tiles import TiledMatrix, tile_width
+from tests.test_compiled_kernel import compiled_allocations
 from tests.test_kernel import make_problem
 
 
@@ -151,42 +152,12 @@ def test_tiled_sums_have_the_same_bits_whatever_the_threads():
 
 
 def test_the_tiled_calls_allocate_nothing_but_their_arguments_headers():
-    # As the column layout's test: one MemInfo header per array argument (7).
-    from numba.core.runtime import _nrt_python, rtsys
-
+    # As the column layout's test: one MemInfo header per array argument (7) of
+    # each compiled call, one call per run of tiles (16 here), whatever the threads.
     X, Y = make_problem(n=9, m=6_000, seed=11)
     loss = FusedLoss(TiledMatrix.from_array(X), Y, n_threads=3, engine="numba")
     w = np.full((9, 1), 0.1)
-    loss(w, 0.2)
-    enabled = _nrt_python.memsys_stats_enabled()
-    _nrt_python.memsys_enable_stats()
-    try:
-        before = rtsys.get_allocation_stats()
-        for _ in range(5):
-            loss(w, 0.2)
-        after = rtsys.get_allocation_stats()
-    finally:
-        if not enabled:
-            _nrt_python.memsys_disable_stats()
-    # One compiled call per run of tiles (16 runs here), whatever the threads.
     assert len(loss._chunks) == 16
-    assert after.alloc - before.alloc == 5 * 16 * 7
-    assert after.alloc - before.alloc == after.free - before.free
-
-
-@pytest.mark.parametrize("m", [1, 50])
-def test_fewer_examples_than_a_tile_fill_only_their_own_columns(m):
-    # The scratch is a whole tile wide, whatever m: the kernel writes a tile's scores.
-    X, Y = make_problem(n=5, m=m, seed=m)
-    w = np.full((5, 1), 0.3)
-    got = FusedLoss(TiledMatrix.from_array(X), Y, n_threads=2, engine="numba")(w, 0.1)
-    ref = loss_and_gradients_naive(X, Y, w, 0.1)
-    assert got[0] == pytest.approx(ref[0], rel=1e-12)
-    np.testing.assert_allclose(got[1], ref[1], rtol=1e-12, atol=1e-15)
-
-
-def test_the_compiled_engine_refuses_tiles_of_another_width():
-    odd = TiledMatrix(np.zeros((2, 3, 40)), 70)  # 5 float64 lines a tile
-    with pytest.raises(ValueError, match="tiles of 24 or 8 lines of 8 examples, not of 40"):
-        FusedLoss(odd, np.zeros((1, 70)), engine="numba")
-    assert FusedLoss(odd, np.zeros((1, 70)), engine="numpy")(np.zeros((3, 1)), 0.0)[0] > 0
+    allocated, freed = compiled_allocations(lambda: loss(w, 0.2), times=5)
+    assert allocated == 5 * 16 * 7
+    assert allocated == freed
