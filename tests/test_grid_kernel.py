@@ -128,6 +128,35 @@ def test_compiled_many_models_keep_extreme_scores_exact(dtype):
     assert np.all(np.isfinite(dW)) and np.all(np.isfinite(db))
 
 
+@pytest.mark.parametrize(("m", "block_size"), [(1000, 64), (1001, 61), (777, 100)])
+@pytest.mark.parametrize("K", [5, 8])
+def test_float32_groups_of_eight_match_separate_float64_passes(m, block_size, K):
+    # A group of 8 float32 lanes (K = 5 padded, K = 8 full) on blocks of odd and
+    # even widths, n = 17 around the 12-, 4- and 1-row tiles; some examples'
+    # scores reach |Z| ~ 1e3, where exp underflows and dZ is exactly 0 or ±1.
+    n = 17
+    X, Y = make_problem(n=n, m=m, seed=m + K, dtype=np.float32)
+    X = X.copy()
+    X[:, ::97] *= 300.0
+    rng = np.random.default_rng(K)
+    W = rng.normal(size=(n, K)).astype(np.float32)
+    b = rng.normal(size=K)
+    l2 = rng.uniform(0, 2, size=K)
+    loss = FusedLossMany(X, Y, n_models=K, block_size=block_size, n_threads=2, engine="numba")
+    assert loss.engine == "numba"
+    cost, dW, db = loss(W, b, l2)
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    assert np.abs(W.astype(np.float64).T @ X64).max() > 500  # extreme scores present
+    for k in range(K):
+        ref_cost, ref_dw, ref_db = FusedLoss(X64, Y64)(
+            W[:, k : k + 1].astype(np.float64), float(b[k]), float(l2[k])
+        )
+        assert cost[k] == pytest.approx(ref_cost, rel=1e-5)
+        scale = np.abs(ref_dw).max()
+        np.testing.assert_allclose(dW[:, k : k + 1], ref_dw, rtol=1e-5, atol=1e-5 * scale)
+        assert db[k] == pytest.approx(ref_db, rel=1e-5, abs=1e-5 * scale)
+
+
 def test_compiled_many_models_take_any_strides():
     X, Y = make_problem(n=7, m=300, seed=8)
     W = np.random.default_rng(9).normal(size=(7, 3))
