@@ -392,6 +392,12 @@ def fit_loss(
     return _gradient_descent(loss, w, float(b0), l2, learning_rate, iterations, tol, history)
 
 
+def auto_optimizer(n_features: int, second_order: bool = True) -> Optimizer:
+    """What ``"auto"`` stands for over ``n_features`` features: ``"newton"`` when the loss
+    gives its Hessian and ``n_features <= NEWTON_MAX_FEATURES``, else ``"lbfgs"``."""
+    return "newton" if second_order and n_features <= NEWTON_MAX_FEATURES else "lbfgs"
+
+
 def resolve_optimizer(optimizer: Optimizer, loss: LossFunction) -> Optimizer:
     """The optimizer ``"auto"`` stands for: ``"newton"`` when ``loss`` gives its
     Hessian (:class:`~lr_kernel.loss.SecondOrderLoss`) and has at most
@@ -399,7 +405,7 @@ def resolve_optimizer(optimizer: Optimizer, loss: LossFunction) -> Optimizer:
     without a Hessian is an error; other names are returned as they are."""
     second_order = isinstance(loss, SecondOrderLoss)
     if optimizer == "auto":
-        return "newton" if second_order and loss.n_features <= NEWTON_MAX_FEATURES else "lbfgs"
+        return auto_optimizer(loss.n_features, second_order)
     if optimizer == "newton" and not second_order:
         raise ValueError("optimizer 'newton' needs a loss with a hessian() (SecondOrderLoss)")
     return optimizer

@@ -48,6 +48,7 @@ def write_parts(directory, rows, files=3, seed=0):
 
 def open_memory_data(path, **kwargs):
     kwargs.setdefault("label", "y")
+    kwargs.setdefault("optimizer", "lbfgs")  # Newton fits keep the columns
     config = memory_config(path, **kwargs)
     return open_training_data(config, *plan_run(config))
 
@@ -125,10 +126,13 @@ def test_the_layout_follows_the_engine_the_run_resolves(tmp_path):
     for engine, threads in [("numpy", 2), ("auto", 2), ("auto", 1), ("numba", 1), ("numba", 2)]:
         if engine == "numba" and not compiled_engine_available():
             continue
-        config = memory_config(path, label="y", engine=engine, threads=threads)
+        config = memory_config(path, label="y", engine=engine, threads=threads, optimizer="gd")
         data = open_training_data(config, *plan_run(config))
         resolved = data.kernel_setting(*requested_kernel(config))
         assert isinstance(data.train.X, TiledMatrix) == (resolved[1] == "numba"), config
+        # A Newton fit (auto over few terms, here) keeps the columns whatever the engine.
+        newton = memory_config(path, label="y", engine=engine, threads=threads)
+        assert isinstance(open_training_data(newton, *plan_run(newton)).train.X, np.ndarray)
         # Small data: auto is NumPy's, only an explicit numba tiles it.
         assert resolved[1] == ("numba" if engine == "numba" else "numpy")
 
@@ -207,7 +211,8 @@ def read_run(out):
 @needs_numba
 @pytest.mark.slow
 def test_a_train_run_over_tiles_equals_the_numpy_run(prefect_api, tmp_path, monkeypatch, capsys):
-    # 48,000 rows: ~38,400 training rows, past one block, so the kernel runs 2 threads.
+    # 48,000 rows: ~38,400 training rows, past one block, so the kernel runs 2 threads;
+    # gd, whose loss passes go over the tiles (a Newton fit keeps the columns).
     path = write_parts(tmp_path / "parts", rows=48_000)
     layouts = []
     open_memory = memory_backend.open_memory
@@ -224,7 +229,7 @@ def test_a_train_run_over_tiles_equals_the_numpy_run(prefect_api, tmp_path, monk
         status = run_cli(
             "train", "--data", path, "--output", out, "--label", "y", "--weight", "s",
             "--threads", "2", "--engine", engine, "--backend", "memory",
-            "--validation-fraction", "0.2", "--iterations", "50",
+            "--validation-fraction", "0.2", "--iterations", "50", "--optimizer", "gd",
         )  # fmt: skip
         assert status == 0, capsys.readouterr().err
         runs[engine] = read_run(out)
@@ -251,21 +256,22 @@ def test_a_train_run_over_tiles_equals_the_numpy_run(prefect_api, tmp_path, monk
     np.testing.assert_allclose(got["value"].to_numpy(), metrics["value"].to_numpy(), rtol=1e-9)
 
 
-def test_many_passes_are_expected_of_long_first_order_fits_alone(tmp_path):
-    from flows.backends import HUGE_PAGES_MIN_PASSES, expects_many_passes
+def test_the_layout_follows_the_passes_the_fit_makes():
+    from flows.backends.memory import HUGE_PAGES_MIN_PASSES, tiled_layout
+    from lr_kernel.train import NEWTON_MAX_FEATURES
 
-    def config(**kwargs):
-        return memory_config(tmp_path / "x.parquet", **kwargs)
-
-    assert expects_many_passes(config(optimizer="gd", iterations=1000))
-    assert expects_many_passes(config(optimizer="nesterov", iterations=HUGE_PAGES_MIN_PASSES))
-    assert not expects_many_passes(config(optimizer="gd", iterations=HUGE_PAGES_MIN_PASSES - 1))
-    for optimizer in ("newton", "lbfgs", "auto"):
-        assert not expects_many_passes(config(optimizer=optimizer, iterations=1000))
+    many = HUGE_PAGES_MIN_PASSES
+    assert tiled_layout("gd", 1000, 50) == (True, True)
+    assert tiled_layout("nesterov", many, 50) == (True, True)
+    assert tiled_layout("gd", many - 1, 50) == (True, False)
+    assert tiled_layout("lbfgs", 1000, 50) == (True, False)
+    assert tiled_layout("newton", 1000, 50) == (False, False)  # Hessian passes: columns
+    assert tiled_layout("auto", 1000, NEWTON_MAX_FEATURES) == (False, False)  # auto is newton
+    assert tiled_layout("auto", 1000, NEWTON_MAX_FEATURES + 1) == (True, False)  # lbfgs
 
 
 @needs_numba
-@pytest.mark.parametrize(("optimizer", "allocator"), [("gd", "huge"), ("newton", "small")])
+@pytest.mark.parametrize(("optimizer", "allocator"), [("gd", "huge"), ("lbfgs", "small")])
 def test_the_tiles_of_a_long_first_order_fit_are_in_huge_pages(
     tmp_path, monkeypatch, optimizer, allocator
 ):

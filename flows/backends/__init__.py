@@ -158,18 +158,6 @@ def requested_kernel(config: TrainConfig) -> tuple[int, str]:
     return config.threads or available_cores(), config.engine
 
 
-# A first-order fit of at least this many iterations (``gd``, ``nesterov``) gets
-# the in-memory tiles in huge pages: ~0.8 s more to fill per 0.8 GB, ~3.6 ms
-# less per pass (flows.backends.memory.huge_pages_empty).
-HUGE_PAGES_MIN_PASSES = 250
-
-
-def expects_many_passes(config: TrainConfig) -> bool:
-    """Whether the run's fit reads ``X`` hundreds of times: ``gd`` or ``nesterov``
-    with ``iterations >= HUGE_PAGES_MIN_PASSES`` (Newton and L-BFGS take tens)."""
-    return config.optimizer in ("gd", "nesterov") and config.iterations >= HUGE_PAGES_MIN_PASSES
-
-
 def open_training_data(
     config: TrainConfig, plan: InputPlan, validation: InputPlan | None = None
 ) -> TrainingData:
@@ -192,7 +180,8 @@ def open_training_data(
             prep,
             threads=threads,
             engine=engine,
-            many_passes=expects_many_passes(config),
+            optimizer=config.optimizer,
+            iterations=config.iterations,
         )
     if backend == "stream":
         from flows.backends.stream import open_stream

@@ -22,6 +22,7 @@ from lr_kernel import FusedLoss, GridFitResult, default_block_size, fit_many
 from lr_kernel.loss import resolve_engine
 from lr_kernel.metrics import binary_metrics, log_loss
 from lr_kernel.tiles import TiledMatrix
+from lr_kernel.train import auto_optimizer
 
 
 def weighted(weight: np.ndarray | None) -> dict[str, Any]:
@@ -132,6 +133,28 @@ def kernel_setting_over(X: np.ndarray | TiledMatrix, threads: int, engine: str) 
     return threads, resolve_engine(engine, X, threads)
 
 
+# A first-order fit of at least this many iterations (``gd``, ``nesterov``) gets
+# its tiles in huge pages: ~0.8 s more to fill per 0.8 GB, ~3.6 ms less per pass.
+HUGE_PAGES_MIN_PASSES = 250
+
+
+def tiled_layout(optimizer: str, iterations: int, n_terms: int) -> tuple[bool, bool]:
+    """Whether the training rows' ``X`` goes in tiles where the compiled engine runs,
+    and whether in huge pages: the layout follows the passes the fit makes.
+
+    Newton (``optimizer``, or ``"auto"`` over at most ``NEWTON_MAX_FEATURES``
+    terms) makes a Hessian pass per iteration, which over tiles took 1.03-1.07x
+    (float64) and 1.11-1.16x (float32) the time of one over columns: it keeps
+    the columns. Other fits make loss passes, 1.15-1.2x faster over tiles; ``gd``
+    and ``nesterov`` of at least :data:`HUGE_PAGES_MIN_PASSES` iterations get
+    huge pages (:func:`huge_pages_empty`).
+    """
+    fit = auto_optimizer(n_terms) if optimizer == "auto" else optimizer
+    if fit == "newton":
+        return False, False
+    return True, fit in ("gd", "nesterov") and iterations >= HUGE_PAGES_MIN_PASSES
+
+
 def small_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     """``np.empty(shape, dtype)`` in ordinary 4 KiB pages, not transparent huge pages.
 
@@ -159,7 +182,7 @@ def huge_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     against 17.6 ms, pairwise medians of 21 rounds, 2026-12-02): a TLB miss
     every 4 KiB of the stream. The first touch cost 1.0-1.3 s per 0.8 GB
     against 0.32-0.44 s in 4 KiB pages, so huge pages pay from ~200 passes on
-    (:data:`flows.backends.HUGE_PAGES_MIN_PASSES`).
+    (:data:`HUGE_PAGES_MIN_PASSES`).
     """
     return _anonymous_empty(shape, dtype, "MADV_HUGEPAGE")
 
@@ -180,7 +203,8 @@ def open_memory(
     prep: PlanSettings,
     threads: int = 1,
     engine: str = "auto",
-    many_passes: bool = False,
+    optimizer: str = "auto",
+    iterations: int = 0,
 ) -> MemoryData:
     """Two passes over the files: the summaries and the plan, then ``X`` filled batch by batch.
 
@@ -194,10 +218,8 @@ def open_memory(
     ``X`` more in time (at 1M x 140 float64, pairwise medians: 1.04-1.06x the
     peak RSS of 1.6 GB, i.e. the ~0.09 GB block, and 1.12-1.16x the 2.1-2.3 s,
     ``benchmarks/features_bench.py``), for fits whose every pass reads ``X``
-    faster. The tiles are in 4 KiB pages (:func:`small_pages_empty`), or with
-    ``many_passes`` (a first-order fit of hundreds of iterations,
-    :func:`flows.backends.expects_many_passes`) in huge pages
-    (:func:`huge_pages_empty`): dearer to fill, cheaper to read.
+    faster; but not for a Newton fit (``optimizer`` and ``iterations`` are the
+    run's), and in huge pages for a long first-order one: :func:`tiled_layout`.
     """
     files = plan.files + (() if validation is None else validation.files)
     # Hashing the files' bytes (~1 s per 400 MB) overlaps the two passes: hashlib
@@ -215,8 +237,9 @@ def open_memory(
     n, dtype = feature_plan.n_terms, np.dtype(prep.dtype)
     X = {part: small_pages_empty((n, size), dtype) for part, size in sizes.items()}  # (n, m)
     tiles: TiledMatrix | None = None
-    if kernel_setting_over(X[False], threads, engine)[1] == "numba":
-        allocate = huge_pages_empty if many_passes else small_pages_empty
+    tiled, huge = tiled_layout(optimizer, iterations, n)
+    if tiled and kernel_setting_over(X[False], threads, engine)[1] == "numba":
+        allocate = huge_pages_empty if huge else small_pages_empty
         tiles = TiledMatrix.empty(n, sizes[False], dtype, allocate=allocate)
         # X[False], of which no page was touched yet, gives way to the plan's scratch
         # block: a tile's columns are no (n, k) view, so each block is filled there,
