@@ -1,9 +1,10 @@
 """In memory: the whole matrix ``X`` (and the held-out rows' own) built batch by batch.
 
-The training rows' ``X`` is held in the layout the kernel reads fastest: as
+The training rows' ``X`` is held in the layout the run's fit reads fastest: as
 tiles of examples (:class:`lr_kernel.tiles.TiledMatrix`) when the run will sum
-it with the compiled engine, else as the ``(n, m)`` C-contiguous ndarray.
-:func:`kernel_setting_over` decides both, so the layout and the engine agree.
+it with the compiled engine (:func:`kernel_setting_over`, which also gives the
+engine, so the two agree) and the fit is not Newton's (:func:`tiled_layout`),
+else as the ``(n, m)`` C-contiguous ndarray.
 """
 
 import mmap
