@@ -1036,9 +1036,11 @@ def share_sums_tiled(
     ahead_tiles: int,
     u: Any,
     losses: Any,
+    curvature: Any,
     DW: Any,
 ) -> tuple[float, float]:
-    """:func:`share_sums` over tiles ``[t0, t1)`` of a :class:`lr_kernel.tiles.TiledMatrix`.
+    """:func:`share_sums` over tiles ``[t0, t1)`` of a :class:`lr_kernel.tiles.TiledMatrix`,
+    and for the Hessian pass each example's curvature.
 
     Parameters
     ----------
@@ -1050,6 +1052,11 @@ def share_sums_tiled(
     ahead_tiles : int, how many tiles on the prefetches reach
     u : ndarray (width,), ``X``'s dtype, scratch
     losses : ndarray (width,), float64, scratch
+    curvature : ndarray, float64: empty for the loss pass; else
+        ``(t1 - t0) * width`` long, and ``curvature[(t - t0) * width + j]``
+        receives ``s a (1 - a)`` of tile ``t``'s example ``j`` (the padding's
+        entries are left as they were), for the caller's block product over
+        the same tiles while they are in cache (:func:`scale_tiles`, then BLAS)
     DW : ndarray (n, 64 // itemsize), float64, zeroed by the caller; its rows'
         lane sums are ``Σ X dZᵀ``
 
@@ -1057,9 +1064,39 @@ def share_sums_tiled(
     -------
     loss_sum, db_sum : float, as :func:`share_sums`
     """
-    return _tiles_pass(
-        tiles, y, weights, weighted, neg_w, b, t0, t1, m, ahead_tiles, u, losses, False, losses, DW
-    )
+    n = tiles.shape[1]
+    width = tiles.shape[2]
+    lanes = 64 // tiles.itemsize
+    stride = n * width
+    loss_sum = 0.0
+    db_sum = 0.0
+    for t in range(t0, t1):
+        s = t * width
+        k = min(width, m - s)
+        # Past the run's end too: the next run is taken next, by this thread or another.
+        ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
+        if width == 24 * lanes:
+            _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
+        else:
+            _tile_forward_8(tiles[t], neg_w, -b, u, ahead)
+        if curvature.shape[0]:
+            o = (t - t0) * width
+            _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature[o : o + k])
+        else:
+            # The two-loop element-wise step (float32 scores in float32): 1.4x
+            # (float64) and 1.8x (float32) faster than one loop on a tile's values.
+            tile_weights = weights[s : s + k] if weighted else weights
+            _pointwise_split(u, y[s : s + k], tile_weights, weighted, k, losses)
+        block_loss, block_db = _sums(losses, u, k)
+        loss_sum += block_loss
+        db_sum += block_db
+        for j in range(k, width):
+            u[j] = 0  # the padding's dZ: no part in X dZᵀ
+        if width == 24 * lanes:
+            _tile_backward_24(tiles[t], u, DW, ahead)
+        else:
+            _tile_backward_8(tiles[t], u, DW, ahead)
+    return loss_sum, db_sum
 
 
 @nb.njit(nogil=True, boundscheck=False, cache=True)
@@ -1111,7 +1148,7 @@ def share_sums_many_tiled(
             lane_sums[:] = 0.0
             block_loss, block_db = share_sums_tiled(
                 tiles, y, weights, weighted, neg_W[g, :, 0], -float(neg_b[g, 0]), t0, t1, m,
-                ahead_tiles, U[:width], losses[:width], lane_sums,
+                ahead_tiles, U[:width], losses[:width], losses[:0], lane_sums,
             )  # fmt: skip
             loss_sum[g, 0] += block_loss
             db_sum[g, 0] += block_db
@@ -1130,98 +1167,13 @@ def share_sums_many_tiled(
         )  # fmt: skip
 
 
-@nb.njit(nogil=True, boundscheck=False, cache=True)
-def tiles_curvature(
-    tiles: Any,
-    y: Any,
-    weights: Any,
-    weighted: bool,
-    neg_w: Any,
-    b: float,
-    t0: int,
-    t1: int,
-    m: int,
-    ahead_tiles: int,
-    u: Any,
-    losses: Any,
-    curvature: Any,
-    DW: Any,
-) -> tuple[float, float]:
-    """:func:`share_sums_tiled` over tiles ``[t0, t1)`` plus each example's curvature.
-
-    ``curvature[(t - t0) * width + j]`` receives ``s a (1 - a)`` (float64) of
-    tile ``t``'s example ``j`` (the padding's entries are left as they were),
-    for the caller's block product over the same tiles while they are in
-    cache (:func:`scale_tiles`, then a BLAS call). Other arguments and
-    results as :func:`share_sums_tiled`.
-    """
-    return _tiles_pass(
-        tiles, y, weights, weighted, neg_w, b, t0, t1, m, ahead_tiles, u, losses, True, curvature,
-        DW,
-    )  # fmt: skip
-
-
-@nb.njit(nogil=True, boundscheck=False, cache=True)
-def _tiles_pass(
-    tiles: Any,
-    y: Any,
-    weights: Any,
-    weighted: bool,
-    neg_w: Any,
-    b: float,
-    t0: int,
-    t1: int,
-    m: int,
-    ahead_tiles: int,
-    u: Any,
-    losses: Any,
-    with_curvature: bool,
-    curvature: Any,
-    DW: Any,
-) -> tuple[float, float]:
-    """The tile loop of :func:`share_sums_tiled` (and of :func:`tiles_curvature`)."""
-    n = tiles.shape[1]
-    width = tiles.shape[2]
-    lanes = 64 // tiles.itemsize
-    stride = n * width
-    loss_sum = 0.0
-    db_sum = 0.0
-    for t in range(t0, t1):
-        s = t * width
-        k = min(width, m - s)
-        # Past the run's end too: the next run is taken next, by this thread or another.
-        ahead = ahead_tiles * stride if t + ahead_tiles < tiles.shape[0] else 0
-        if width == 24 * lanes:
-            _tile_forward_24(tiles[t], neg_w, -b, u, ahead)
-        else:
-            _tile_forward_8(tiles[t], neg_w, -b, u, ahead)
-        if with_curvature:
-            o = (t - t0) * width
-            _pointwise_curvature(u, y, weights, weighted, s, k, losses, curvature[o : o + k])
-        else:
-            # The two-loop element-wise step (float32 scores in float32): 1.4x
-            # (float64) and 1.8x (float32) faster than one loop on a tile's values.
-            tile_weights = weights[s : s + k] if weighted else weights
-            _pointwise_split(u, y[s : s + k], tile_weights, weighted, k, losses)
-        block_loss, block_db = _sums(losses, u, k)
-        loss_sum += block_loss
-        db_sum += block_db
-        for j in range(k, width):
-            u[j] = 0  # the padding's dZ: no part in X dZᵀ
-        if width == 24 * lanes:
-            _tile_backward_24(tiles[t], u, DW, ahead)
-        else:
-            _tile_backward_8(tiles[t], u, DW, ahead)
-    return loss_sum, db_sum
-
-
 @nb.njit(nogil=True, boundscheck=False, fastmath=_CONTRACT, cache=True)
 def scale_tiles(tiles: Any, t0: int, t1: int, m: int, scale: Any, B: Any) -> None:
     """``B[:n, :k] = X[:, t0 w : t0 w + k] diag(scale[:k])`` from tiles ``[t0, t1)``.
 
     ``k`` is the tiles' examples (less the padding); ``B`` is ``(n + 1, >= k)``
     C-contiguous in ``X``'s dtype; ``scale`` float64. One pass over the tiles
-    (from cache, after :func:`tiles_curvature`), no other copy of ``X``.
+    (from cache, after :func:`share_sums_tiled` with the curvature), no other copy of ``X``.
     """
     n = tiles.shape[1]
     width = tiles.shape[2]

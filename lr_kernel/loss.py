@@ -573,7 +573,7 @@ class FusedLoss(BlockedPass):
         the compiled pass with the curvature, then the scaled block
         ``[Xb; 1] diag(√c)`` built from the tiles while they are in cache, and its
         product. No copy of ``X`` beyond that block."""
-        from lr_kernel._compiled import scale_tiles, tiles_curvature
+        from lr_kernel._compiled import scale_tiles, share_sums_tiled
 
         n, dtype, width = self.n_features, self.dtype, self._tiles.shape[2]
         # Tiles per block product: the scaled block ~1 MiB, in L2 for its GEMM.
@@ -596,7 +596,7 @@ class FusedLoss(BlockedPass):
         for t0 in range(first, last, group):
             t1 = min(t0 + group, last)
             k = min(t1 * width, m) - t0 * width
-            block_loss, block_db = tiles_curvature(
+            block_loss, block_db = share_sums_tiled(
                 self._tiles, self.y, weights, self.s is not None, neg_w, b, t0, t1, m,
                 self._ahead_tiles, u, losses, curvature, lanes,
             )  # fmt: skip
@@ -665,7 +665,8 @@ class FusedLoss(BlockedPass):
                 lanes.fill(0.0)
                 self._chunk_totals[c] = self._compiled_share(
                     self._tiles, self.y, weights, self.s is not None, neg_w, b,
-                    *self._chunks[c], self.n_examples, self._ahead_tiles, u, losses, lanes,
+                    *self._chunks[c], self.n_examples, self._ahead_tiles, u, losses,
+                    losses[:0], lanes,
                 )  # fmt: skip
 
         self._map_shares(take)
