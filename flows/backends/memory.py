@@ -135,7 +135,7 @@ def kernel_setting_over(X: np.ndarray | TiledMatrix, threads: int, engine: str) 
 
 
 # A first-order fit of at least this many iterations (``gd``, ``nesterov``) gets
-# its tiles in huge pages: ~0.8 s more to fill per 0.8 GB, ~3.6 ms less per pass.
+# its tiles in huge pages: ~0.8 s more to fill per 0.8 GB, 1-4 ms less per pass.
 HUGE_PAGES_MIN_PASSES = 250
 
 
@@ -180,9 +180,11 @@ def huge_pages_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     For the tiles of a fit that makes many passes: the compiled engine's pass
     over tiles in 4 KiB pages took 1.15x (float64) and 1.14x (float32) the
     time of one over huge pages at 1M x 100 (22.9 against 26.5 ms, 15.4
-    against 17.6 ms, pairwise medians of 21 rounds, 2026-12-02): a TLB miss
-    every 4 KiB of the stream. The first touch cost 1.0-1.3 s per 0.8 GB
-    against 0.32-0.44 s in 4 KiB pages, so huge pages pay from ~200 passes on
+    against 17.6 ms, pairwise medians of 21 rounds, 2026-12-02), but only
+    1.05x and 1.03x in a later A/B of 31 rounds with the order rotated: a TLB
+    miss every 4 KiB of the stream, worth 1-4 ms a pass. The first touch cost
+    1.0-1.3 s per 0.8 GB against 0.32-0.44 s in 4 KiB pages, so huge pages pay
+    from ~200-800 passes on
     (:data:`HUGE_PAGES_MIN_PASSES`).
     """
     return _anonymous_empty(shape, dtype, "MADV_HUGEPAGE")
