@@ -200,3 +200,44 @@ def test_tiles_of_any_width(K):
     got = FusedLossMany(T, Y, n_models=K, n_threads=2, engine="numba")(W, b, l2)
     expected = FusedLossMany(X, Y, n_models=K, n_threads=2, engine="numba")(W, b, l2)
     assert_passes_equal(got, expected, 1e-12)
+
+
+def test_float32_groups_put_examples_in_the_lanes():
+    # Which loops the tests above exercise: float32 groups of 2-8 models on the
+    # flows' tiles (wide and narrow) take the examples-in-lanes loops, float64
+    # groups and odd widths the models-in-lanes ones.
+    from lr_kernel._compiled import examples_in_lanes
+
+    for n in (13, 400):
+        width = tile_width(n, np.dtype(np.float32))
+        assert all(examples_in_lanes(4, lanes, width) for lanes in (2, 4, 8))
+        assert not examples_in_lanes(8, 8, tile_width(n, np.dtype(np.float64)))
+    assert not examples_in_lanes(4, 1, 384)
+    assert not examples_in_lanes(4, 8, 40)
+
+
+@pytest.mark.parametrize("K", [2, 4, 8, 16])
+def test_float32_examples_in_lanes_equal_the_formula(K):
+    # Rows not a multiple of the backward's 2/4/8, a padded last tile, and
+    # confident scores: each model's pass against the loop formulas in float64.
+    n, m = 11, 1000
+    X, Y, W, b, l2, weights = problem(n, m, K, np.float32, True, seed=K)
+    W *= 4
+    T = tiled(X)
+    cost, dW, db = FusedLossMany(
+        T, Y, n_models=K, sample_weight=weights, n_threads=2, engine="numba"
+    )(W, b, l2)
+    X64, W64 = X.astype(np.float64), W.astype(np.float64)
+    b32 = b.astype(np.float32).astype(np.float64)
+    for k in range(K):
+        Z = W64[:, k] @ X64 + b32[k]
+        A = 1 / (1 + np.exp(-Z))
+        s = weights.ravel()
+        loss = (s * (np.logaddexp(0, Z) - Y.ravel() * Z)).sum() / s.sum()
+        loss += l2[k] / (2 * s.sum()) * (W64[:, k] @ W64[:, k])
+        dz = s * (A - Y.ravel()) / s.sum()
+        np.testing.assert_allclose(
+            dW[:, k], X64 @ dz + l2[k] / s.sum() * W64[:, k], rtol=1e-5, atol=1e-6
+        )
+        assert db[k] == pytest.approx(dz.sum(), rel=1e-5, abs=1e-6)
+        assert cost[k] == pytest.approx(loss, rel=1e-5)
