@@ -465,7 +465,9 @@ def block_curvature(
 # accumulators of the forward product in memory (it cannot prove that U and X
 # do not overlap) and ends each backward sweep with horizontal sums: both ran
 # at 40-65% of the FMA units' peak in cache (float64 15 and 18 GFMA/s of 27.6
-# here); these run at 95-100% (28 and 26) in float64, 65-75% in float32.
+# here); these run at 95-100% (28 and 26) in float64, 65-75% in float32
+# (over tiles, float32 groups take _tile_groups_32's loops instead: 57 and
+# 50 GFMA/s in cache, of ~56 at this clock).
 LANES = 8
 # Examples per forward tile, rows per backward tile: one register per
 # accumulator, a few left for the operands (32 vector registers with AVX-512;
