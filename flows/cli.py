@@ -9,6 +9,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -269,7 +271,8 @@ def train(
     bar = LongRunProgressBar()
     token = progress_listener.set(bar)
     try:
-        summary = train_flow(config)
+        with heartbeat_not_awaited():
+            summary = train_flow(config)
     finally:
         progress_listener.reset(token)
         bar.close()
@@ -424,7 +427,8 @@ def score(
     connect()
     from flows.score import score as score_flow
 
-    summary = score_flow(config)
+    with heartbeat_not_awaited():
+        summary = score_flow(config)
     typer.echo(
         f"scored {summary.n_rows} rows: {summary.n_positive} predicted positive, "
         f"mean probability {summary.mean_probability:.6g}"
@@ -515,6 +519,43 @@ def _check_output(output: str) -> None:
         raise DataError("output's parent is not a directory", path=parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DataError("output directory is not writable", path=parent)
+
+
+@contextmanager
+def heartbeat_not_awaited() -> Iterator[None]:
+    """Flow runs in this block end without waiting for Prefect's heartbeat thread.
+
+    Prefect's synchronous engine emits a heartbeat when a flow run starts, then
+    sleeps in steps of one second, and at the run's end joins that thread: the
+    command waits for the current step, 0.5 s on average and up to 1 s
+    (benchmarks/RESULTS.md, CLI run 8). Its asynchronous engine does not join
+    (``join_on_exit=False``), and neither does this: the thread is a daemon,
+    stops at its next step and emits nothing after the run's final state.
+    Heartbeats during the run are unchanged. A Prefect whose engine has no
+    such hook runs as it is.
+    """
+    import inspect
+
+    import prefect.flow_engine as engine
+
+    send_heartbeats = getattr(engine, "_send_heartbeats", None)
+    if (
+        send_heartbeats is None
+        or "join_on_exit" not in inspect.signature(send_heartbeats).parameters
+    ):
+        yield
+        return
+
+    @contextmanager
+    def unjoined(run_engine: Any, join_on_exit: bool = True) -> Iterator[None]:
+        with send_heartbeats(run_engine, join_on_exit=False):
+            yield
+
+    engine._send_heartbeats = unjoined
+    try:
+        yield
+    finally:
+        engine._send_heartbeats = send_heartbeats
 
 
 class _SkipTeardown:

@@ -1,5 +1,6 @@
 """The CLI contract end to end: flags, outputs, scikit-learn parity, and clean failures."""
 
+import contextlib
 import subprocess
 import sys
 from datetime import date
@@ -10,7 +11,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
+from flows.cli import heartbeat_not_awaited, main
 from flows.dataset import held_out
 from flows.outputs import read_metadata
 from flows.store import latest
@@ -234,3 +235,31 @@ def test_params_parquet_is_readable_by_pyarrow_alone(prefect_api, sample_file, t
     table = pq.read_table(latest(out) / "params.parquet")
     assert table.schema.field("estimate").type == "double"
     assert b"lrflow" in table.schema.metadata
+
+
+def test_cli_flow_runs_end_without_waiting_for_the_heartbeat(
+    prefect_api, sample_file, tmp_path, monkeypatch
+):
+    # Prefect's sync engine would join its heartbeat thread (sleeping in 1 s
+    # steps) at the run's end; the command's runs do not. The hook must exist
+    # in the installed Prefect, or the change has silently stopped working.
+    import prefect.flow_engine as engine
+
+    original = engine._send_heartbeats
+    joins = []
+
+    @contextlib.contextmanager
+    def recording(run_engine, join_on_exit=True):
+        joins.append(join_on_exit)
+        with original(run_engine, join_on_exit=join_on_exit):
+            yield
+
+    monkeypatch.setattr(engine, "_send_heartbeats", recording)
+    assert (
+        run_cli("train", "--data", sample_file, "--exclude", "id", "--output", tmp_path / "o") == 0
+    )
+    assert joins == [False]
+    assert engine._send_heartbeats is recording  # put back after the run
+    with heartbeat_not_awaited():
+        assert engine._send_heartbeats is not recording
+    assert engine._send_heartbeats is recording
