@@ -172,6 +172,8 @@ class FusedLossMany(BlockedPass):
             if self._tiled:
                 self._compiled_share = share_sums_many_tiled
                 self._ahead_tiles = COMPILED_GRID_AHEAD_TILES
+                # Runs of tiles, which the threads take as they come free (_each_run).
+                self._runs = self._tile_runs(self._tiles.shape[0])
             else:
                 if isinstance(X, np.ndarray) and X.strides[1] != X.itemsize:
                     # The compiled tiles step through a row one element at a time.
@@ -244,7 +246,10 @@ class FusedLossMany(BlockedPass):
             neg_b = np.zeros(groups * lanes, dtype=self.dtype)
             neg_b[:K] = -np.asarray(b, dtype=self.dtype).reshape(K)
             neg_b = neg_b.reshape(groups, lanes)
-            partials = self._map_shares(lambda k: self._compiled_blocks(k, neg_W, neg_b, K))
+            if self._tiled:
+                partials = [self._tiled_sums(neg_W, neg_b, K)]
+            else:
+                partials = self._map_shares(lambda k: self._compiled_blocks(k, neg_W, neg_b, K))
         # Summed in share order whatever the threads' timing: reproducible bits.
         loss_sum, dW_sum, db_sum = (p.copy() for p in partials[0])
         for p in partials[1:]:
@@ -264,25 +269,49 @@ class FusedLossMany(BlockedPass):
         """:meth:`_sum_blocks` by the compiled engine: one call for the whole share."""
         groups, n, lanes = neg_W.shape
         starts = self._shares[share]
-        U, losses, y_lanes, weight_lanes = self._compiled_scratch[share]
         loss_sum = np.zeros((groups, lanes), dtype=np.float64)
         db_sum = np.zeros((groups, lanes), dtype=np.float64)
         dW_sum = np.zeros((groups, n, lanes), dtype=np.float64)
         weights = self._no_weights if self.s is None else self.s
-        scratch = (U, losses, y_lanes, weight_lanes, loss_sum, db_sum, dW_sum)
-        if self._tiled:
-            # The share's tiles [t0, t1) (a block is a tile), the examples, the prefetch.
+        stop = min(starts[-1] + self.block_size, self.n_examples)
+        self._compiled_share(
+            self.X, self.y, weights, self.s is not None, neg_W, neg_b,
+            starts[0], stop, self.block_size, *self._compiled_scratch[share],
+            loss_sum, db_sum, dW_sum,
+        )  # fmt: skip
+        return self._by_model(loss_sum, dW_sum, db_sum, K)
+
+    def _tiled_sums(
+        self, neg_W: FloatArray, neg_b: FloatArray, K: int
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """:meth:`_compiled_blocks` over tiles, by runs of tiles (:meth:`_each_run`):
+        each run's sums apart, then added in run order."""
+        groups, n, lanes = neg_W.shape
+        n_runs = len(self._runs)
+        loss_sum = np.zeros((n_runs, groups, lanes), dtype=np.float64)
+        db_sum = np.zeros((n_runs, groups, lanes), dtype=np.float64)
+        dW_sum = np.zeros((n_runs, groups, n, lanes), dtype=np.float64)
+        weights = self._no_weights if self.s is None else self.s
+
+        def work(share: int, run: int) -> None:
             self._compiled_share(
                 self._tiles, self.y, weights, self.s is not None, neg_W, neg_b,
-                starts[0] // self.block_size, starts[-1] // self.block_size + 1,
-                self.n_examples, self._ahead_tiles, *scratch,
+                *self._runs[run], self.n_examples, self._ahead_tiles,
+                *self._compiled_scratch[share], loss_sum[run], db_sum[run], dW_sum[run],
             )  # fmt: skip
-        else:
-            stop = min(starts[-1] + self.block_size, self.n_examples)
-            self._compiled_share(
-                self.X, self.y, weights, self.s is not None, neg_W, neg_b,
-                starts[0], stop, self.block_size, *scratch,
-            )  # fmt: skip
+
+        self._each_run(n_runs, work)
+        return self._by_model(loss_sum.sum(axis=0), dW_sum.sum(axis=0), db_sum.sum(axis=0), K)
+
+    @staticmethod
+    def _by_model(
+        loss_sum: NDArray[np.float64],
+        dW_sum: NDArray[np.float64],
+        db_sum: NDArray[np.float64],
+        K: int,
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Sums by group ``(G, lanes)``, ``(G, n, lanes)`` as ``(K,)``, ``(n, K)``, ``(K,)``."""
+        groups, n, lanes = dW_sum.shape
         dW = dW_sum.transpose(1, 0, 2).reshape(n, groups * lanes)[:, :K]  # (n, K)
         return loss_sum.reshape(-1)[:K], dW, db_sum.reshape(-1)[:K]
 

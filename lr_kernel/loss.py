@@ -43,7 +43,7 @@ HESSIAN_BLOCK = 4096
 # How far ahead (bytes of X) the tiled engine prefetches: 8 tiles of 100
 # float64 features; 4 measured slower (RESULTS.md, issue 14 run 6).
 PREFETCH_BYTES = 1_228_800
-# Runs of tiles a pass is cut into, whatever the threads (see FusedLoss._tiled_sums):
+# Runs of tiles a pass is cut into, whatever the threads (see BlockedPass._each_run):
 # ~1 ms each at 1M x 100, and a compiled call apiece (~10 µs).
 TILE_CHUNKS = 16
 
@@ -285,6 +285,29 @@ class BlockedPass:
             wait(futures)
         return [first, *(future.result() for future in futures)]
 
+    @staticmethod
+    def _tile_runs(n_tiles: int) -> list[tuple[int, int]]:
+        """Tiles ``[t0, t1)`` of each of ``TILE_CHUNKS`` runs (fewer for fewer tiles),
+        fixed by the data alone, not by the threads (see :meth:`_each_run`)."""
+        n_runs = min(TILE_CHUNKS, n_tiles)
+        return list(itertools.pairwise(n_tiles * c // n_runs for c in range(n_runs + 1)))
+
+    def _each_run(self, n_runs: int, work: Callable[[int, int], None]) -> None:
+        """``work(share, run)`` for every run, each taken by the next thread that comes free.
+
+        A thread slowed by another process's load then costs the pass one run,
+        not half of it. ``share`` names the thread's scratch; ``work`` keeps
+        each run's sums apart, for the caller to add in run order: the same
+        bits whatever the threads and their timing.
+        """
+        runs = itertools.count()  # next() is atomic under the GIL
+
+        def take(share: int) -> None:
+            while (run := next(runs)) < n_runs:
+                work(share, run)
+
+        self._map_shares(take)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_pool"] = None  # threads do not travel; a copy starts its own
@@ -403,17 +426,11 @@ class FusedLoss(BlockedPass):
             self._compiled_scratch = [
                 (np.empty(width, dtype), np.empty(width, np.float64)) for _ in self._shares
             ]
-            # The tiles in TILE_CHUNKS runs, fixed by the data alone, which the
-            # threads take in turn as they finish the last; each run's sums are
-            # kept apart and added in run order, so the result has the same
-            # bits whatever the threads (and their timing).
-            n_tiles = self._tiles.shape[0]
-            n_chunks = min(TILE_CHUNKS, n_tiles)
-            bounds = [n_tiles * c // n_chunks for c in range(n_chunks + 1)]
-            self._chunks = list(itertools.pairwise(bounds))
+            # Runs of tiles, which the threads take as they come free (_each_run).
+            self._runs = self._tile_runs(self._tiles.shape[0])
             # Per run: (loss, Σ dZ), and a 64-byte line of float64 lane sums per row.
-            self._chunk_totals = np.zeros((n_chunks, 2))
-            self._chunk_lanes = np.zeros((n_chunks, self.n_features, 64 // dtype.itemsize))
+            self._run_totals = np.zeros((len(self._runs), 2))
+            self._run_lanes = np.zeros((len(self._runs), self.n_features, 64 // dtype.itemsize))
             tile_bytes = self.n_features * width * dtype.itemsize
             self._ahead_tiles = max(1, PREFETCH_BYTES // tile_bytes)
         elif compiled:
@@ -652,27 +669,23 @@ class FusedLoss(BlockedPass):
         return float(losses.sum()), float(Z.sum())
 
     def _tiled_sums(self, neg_w: FloatArray, b: float) -> tuple[float, NDArray[np.float64], float]:
-        """:meth:`partial_sums` over tiles: each thread takes the next run of tiles
-        until none is left, so a thread slowed by another process's load costs
-        the pass one run, not half of it."""
-        runs = itertools.count()  # next() is atomic under the GIL
+        """:meth:`partial_sums` over tiles, by runs of tiles (:meth:`_each_run`)."""
         weights = self._no_weights if self.s is None else self.s
 
-        def take(share: int) -> None:
+        def work(share: int, run: int) -> None:
             u, losses = self._compiled_scratch[share]
-            while (c := next(runs)) < len(self._chunks):
-                lanes = self._chunk_lanes[c]
-                lanes.fill(0.0)
-                self._chunk_totals[c] = self._compiled_share(
-                    self._tiles, self.y, weights, self.s is not None, neg_w, b,
-                    *self._chunks[c], self.n_examples, self._ahead_tiles, u, losses,
-                    losses[:0], lanes,
-                )  # fmt: skip
+            lanes = self._run_lanes[run]
+            lanes.fill(0.0)
+            self._run_totals[run] = self._compiled_share(
+                self._tiles, self.y, weights, self.s is not None, neg_w, b,
+                *self._runs[run], self.n_examples, self._ahead_tiles, u, losses,
+                losses[:0], lanes,
+            )  # fmt: skip
 
-        self._map_shares(take)
-        loss_sum = math.fsum(self._chunk_totals[:, 0].tolist())
-        db_sum = math.fsum(self._chunk_totals[:, 1].tolist())
-        return loss_sum, self._chunk_lanes.sum(axis=(0, 2)), db_sum
+        self._each_run(len(self._runs), work)
+        loss_sum = math.fsum(self._run_totals[:, 0].tolist())
+        db_sum = math.fsum(self._run_totals[:, 1].tolist())
+        return loss_sum, self._run_lanes.sum(axis=(0, 2)), db_sum
 
     def _sum_blocks(
         self, share: int, neg_w: FloatArray, b: float

@@ -241,3 +241,21 @@ def test_float32_examples_in_lanes_equal_the_formula(K):
         )
         assert db[k] == pytest.approx(dz.sum(), rel=1e-5, abs=1e-6)
         assert cost[k] == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_many_models_on_tiles_have_the_same_bits_whatever_the_threads(dtype):
+    # The threads take runs of tiles as they come free; each run's sums are
+    # added in run order, so neither the thread count nor timing shows.
+    X, Y, W, b, l2, weights = problem(10, 20_000, 9, dtype, True, seed=4)
+    T = tiled(X)
+    results = [
+        FusedLossMany(T, Y, n_models=9, sample_weight=weights, n_threads=t, engine="numba")(
+            W, b, l2
+        )
+        for t in (1, 2, 3, 2)
+    ]
+    assert len(FusedLossMany(T, Y, n_models=9, n_threads=3, engine="numba")._runs) == 16
+    for got in results[1:]:
+        for g, e in zip(got, results[0], strict=True):
+            np.testing.assert_array_equal(g, e)

@@ -157,7 +157,7 @@ def test_the_tiled_calls_allocate_nothing_but_their_arguments_headers():
     X, Y = make_problem(n=9, m=6_000, seed=11)
     loss = FusedLoss(TiledMatrix.from_array(X), Y, n_threads=3, engine="numba")
     w = np.full((9, 1), 0.1)
-    assert len(loss._chunks) == 16
+    assert len(loss._runs) == 16
     allocated, freed = compiled_allocations(lambda: loss(w, 0.2), times=5)
     assert allocated == 5 * 16 * 8
     assert allocated == freed
