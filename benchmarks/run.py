@@ -372,7 +372,7 @@ def grid_table(n: int, m: int, repeats: int, iterations: int, dtype: type) -> li
         for call in passes.values():
             call()
         times = interleaved(passes, repeats)
-        times.update(interleaved(fits, max(3, repeats // 5)))
+        times.update(interleaved(fits, max(5, repeats // 3)))
     for K in Ks:
         times[f"fit|{K}"] = [t / (iterations + 1) for t in times[f"fit|{K}"]]
     engine = single.engine
@@ -384,7 +384,7 @@ def grid_table(n: int, m: int, repeats: int, iterations: int, dtype: type) -> li
         f"`FusedLoss` (engine='auto': {engine}), K >= 2 `FusedLossMany` (engine='auto': "
         f"{many_engine}). `fit`: `fit_many(..., l2=<K values>, iterations={iterations}, "
         "tol=0)` per loss "
-        f"call ({max(3, repeats // 5)} rounds). All with {CORES} kernel threads, BLAS at 1. "
+        f"call ({max(5, repeats // 3)} rounds). All with {CORES} kernel threads, BLAS at 1. "
         "`vs K = 1` pairs each round's call with that round's K = 1 call (median of the "
         "ratios); the issue's goal is K = 8 at most 2x.",
         "",
