@@ -536,9 +536,9 @@ def heartbeat_not_awaited() -> Iterator[None]:
     """
     import inspect
 
-    import prefect.flow_engine as engine
+    import prefect.flow_engine as flow_engine
 
-    send_heartbeats = getattr(engine, "_send_heartbeats", None)
+    send_heartbeats = getattr(flow_engine, "_send_heartbeats", None)
     if (
         send_heartbeats is None
         or "join_on_exit" not in inspect.signature(send_heartbeats).parameters
@@ -547,15 +547,17 @@ def heartbeat_not_awaited() -> Iterator[None]:
         return
 
     @contextmanager
-    def unjoined(run_engine: Any, join_on_exit: bool = True) -> Iterator[None]:
-        with send_heartbeats(run_engine, join_on_exit=False):
+    def unjoined(
+        engine: flow_engine.BaseFlowRunEngine[Any, Any], join_on_exit: bool = True
+    ) -> Iterator[None]:
+        with send_heartbeats(engine, join_on_exit=False):
             yield
 
-    engine._send_heartbeats = unjoined
+    flow_engine._send_heartbeats = unjoined
     try:
         yield
     finally:
-        engine._send_heartbeats = send_heartbeats
+        flow_engine._send_heartbeats = send_heartbeats
 
 
 class _SkipTeardown:
