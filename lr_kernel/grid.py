@@ -105,18 +105,22 @@ class FusedLossMany(BlockedPass):
         along examples is copied once to C order. Over a
         :class:`~lr_kernel.tiles.TiledMatrix` the blocks are its tiles
         (:func:`lr_kernel._compiled.share_sums_many_tiled`, ``block_size`` is
-        ignored), each read from memory once, with no copy; the NumPy engine
-        copies each block out of the tiles (``X[:, a:b]``).
+        ignored), each read from memory once, with no copy, in runs of tiles
+        that the threads take as they come free; float32 groups put 16
+        examples of one model in a register's lanes there instead of the
+        models. The NumPy engine copies each block out of the tiles
+        (``X[:, a:b]``).
         ``"auto"``: as :func:`~lr_kernel.loss.resolve_engine` decides
         for one model. The chosen one is ``self.engine``.
 
     Notes
     -----
     One instance serves one caller at a time. Results are bitwise reproducible
-    for a given ``engine``, ``block_size``, ``n_threads`` and set of models
-    passed; they equal :class:`~lr_kernel.FusedLoss`'s per model up to float
-    rounding (the products sum in another order; with float32 ``X`` the
-    compiled engine's ``exp``, ``log1p`` and sigmoid are float32's).
+    for a given ``engine``, ``block_size``, ``n_threads`` (over tiles, any
+    number of threads) and set of models passed; they equal
+    :class:`~lr_kernel.FusedLoss`'s per model up to float rounding (the
+    products sum in another order; with float32 ``X`` the compiled engine's
+    ``exp``, ``log1p`` and sigmoid are float32's).
     """
 
     def __init__(
