@@ -97,6 +97,11 @@ class ColumnChoice:
         """Every column a training pass reads: features, label, weight."""
         return [*self.names, self.label, *([self.weight] if self.weight else [])]
 
+    def batch_rows(self, budget: int = 32 << 20) -> int:
+        """Rows per batch of a training pass: the batch's float64 values within ``budget`` bytes."""
+        per_row = 8 * (len(self.read) + 2)
+        return int(max(1024, min(1 << 20, budget // per_row)))
+
 
 def choose_columns(
     schema: Mapping[str, pl.DataType],
@@ -680,9 +685,8 @@ class PlanSettings:
     seed: int = 0
 
     def batch_rows(self, budget: int = 32 << 20) -> int:
-        """Rows per batch: the batch's float64 values within ``budget`` bytes."""
-        per_row = 8 * (len(self.choice.read) + 2)
-        return int(max(1024, min(1 << 20, budget // per_row)))
+        """Rows per batch: :meth:`ColumnChoice.batch_rows`."""
+        return self.choice.batch_rows(budget)
 
 
 def learn_plan(train: Summary, everything: Summary, settings: PlanSettings) -> FeaturePlan:

@@ -124,11 +124,13 @@ class TrainingData(Protocol):
 
 
 def in_memory_bytes(plan: InputPlan, n_rows: int, dtype: str) -> int:
-    """What the in-memory path holds at its peak: ``X`` and one batch (a conservative guess
-    of the terms: categorical columns are counted at 8 terms)."""
+    """What the in-memory path holds at its peak: ``X``, ``Y`` and the weights, one batch
+    being read, and the block that fills ``X``'s tiles (a conservative guess of the
+    terms: categorical columns are counted at 8 terms)."""
     n = sum(8 if c.kind == "categorical" else 1 for c in plan.choice.columns)
     itemsize = 4 if dtype == "float32" else 8
-    return n_rows * (n + 2) * itemsize + (32 << 20)
+    block = n * min(n_rows, plan.choice.batch_rows()) * itemsize  # (n, batch rows)
+    return n_rows * (n + 2) * itemsize + (32 << 20) + block
 
 
 def resolve_backend(config: TrainConfig, plan: InputPlan) -> str:
