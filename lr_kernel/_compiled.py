@@ -529,6 +529,11 @@ def _const(value: ir.Value, c: int) -> ir.Constant:
     return ir.Constant(value.type, c)
 
 
+def _arrays(context: Any, builder: ir.IRBuilder, signature: Any, args: Any, *at: int) -> list[Any]:
+    """The intrinsic's array arguments at positions ``at``, as LLVM array structures."""
+    return [context.make_array(signature.args[i])(context, builder, args[i]) for i in at]
+
+
 def _make_forward_tile(tile: int, lanes: int) -> Any:
     """An intrinsic: ``tile`` examples' scores for ``lanes`` models, prefetching ahead."""
 
@@ -546,14 +551,10 @@ def _make_forward_tile(tile: int, lanes: int) -> Any:
         sig = types.void(X, neg_W, neg_b, U, types.intp, types.intp, types.intp)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            X_type, W_type, b_type, U_type = signature.args[:4]
-            element = context.get_value_type(X_type.dtype)
+            element = context.get_value_type(signature.args[0].dtype)
             size = context.get_abi_sizeof(element)
             vt = _vector_type(element, lanes)
-            Xa = context.make_array(X_type)(context, builder, args[0])
-            Wa = context.make_array(W_type)(context, builder, args[1])
-            ba = context.make_array(b_type)(context, builder, args[2])
-            Ua = context.make_array(U_type)(context, builder, args[3])
+            Xa, Wa, ba, Ua = _arrays(context, builder, signature, args, 0, 1, 2, 3)
             col, t0, ahead = args[4], args[5], args[6]
             start = _load(builder, ba.data, vt, size)
             accumulators = [cgutils.alloca_once_value(builder, start) for _ in range(tile)]
@@ -594,14 +595,11 @@ def _make_backward_tile(rows: int, lanes: int) -> Any:
         sig = types.void(X, types.intp, types.intp, types.intp, dZ, dW)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            X_type, _, _, _, Z_type, W_type = signature.args
-            element = context.get_value_type(X_type.dtype)
+            element = context.get_value_type(signature.args[0].dtype)
             size = context.get_abi_sizeof(element)
             vt = _vector_type(element, lanes)
             vt64 = _vector_type(ir.DoubleType(), lanes)
-            Xa = context.make_array(X_type)(context, builder, args[0])
-            Za = context.make_array(Z_type)(context, builder, args[4])
-            Wa = context.make_array(W_type)(context, builder, args[5])
+            Xa, Za, Wa = _arrays(context, builder, signature, args, 0, 4, 5)
             i0, col, k = args[1], args[2], args[3]
             x_rows = [
                 _element_pointer(builder, Xa, builder.add(i0, _const(i0, r)), col)
@@ -644,13 +642,11 @@ def _make_lane_sums(lanes: int) -> Any:
         sig = types.void(A, types.intp, out)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            A_type, _, out_type = signature.args
-            element = context.get_value_type(A_type.dtype)
+            element = context.get_value_type(signature.args[0].dtype)
             size = context.get_abi_sizeof(element)
             vt = _vector_type(element, lanes)
             vt64 = _vector_type(ir.DoubleType(), lanes)
-            Aa = context.make_array(A_type)(context, builder, args[0])
-            Oa = context.make_array(out_type)(context, builder, args[2])
+            Aa, Oa = _arrays(context, builder, signature, args, 0, 2)
             k = args[1]
 
             def row(t: ir.Value) -> ir.Value:
@@ -930,12 +926,10 @@ def _make_tile_forward(vectors: int) -> Any:
         sig = types.void(Xt, neg_w, neg_b, U, types.intp)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            X_type, w_type, b_type, U_type, _ = signature.args
+            X_type, _, b_type = signature.args[:3]
             element, size, lanes = _tile_geometry(context, X_type)
             vt = _vector_type(element, lanes)
-            Xa = context.make_array(X_type)(context, builder, args[0])
-            Wa = context.make_array(w_type)(context, builder, args[1])
-            Ua = context.make_array(U_type)(context, builder, args[3])
+            Xa, Wa, Ua = _arrays(context, builder, signature, args, 0, 1, 3)
             start = _splat(builder, context.cast(builder, args[2], b_type, X_type.dtype), lanes)
             accumulators = [cgutils.alloca_once_value(builder, start) for _ in range(vectors)]
             zero = ir.Constant(ir.IntType(64), 0)
@@ -974,12 +968,9 @@ def _make_tile_backward(vectors: int) -> Any:
         sig = types.void(Xt, dZ, DW, types.intp)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            X_type, Z_type, W_type, _ = signature.args
-            element, size, lanes = _tile_geometry(context, X_type)
+            element, size, lanes = _tile_geometry(context, signature.args[0])
             vt = _vector_type(element, lanes)
-            Xa = context.make_array(X_type)(context, builder, args[0])
-            Za = context.make_array(Z_type)(context, builder, args[1])
-            Wa = context.make_array(W_type)(context, builder, args[2])
+            Xa, Za, Wa = _arrays(context, builder, signature, args, 0, 1, 2)
             zero = ir.Constant(ir.IntType(64), 0)
             dz = [
                 _load(builder, builder.gep(Za.data, [_const(zero, v * lanes)]), vt, size)
@@ -1164,13 +1155,9 @@ def _make_group_forward(models: int, vectors: int) -> Any:
         sig = types.void(Xt, neg_W, neg_b, U, types.intp, types.intp)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            X_type, W_type, b_type, U_type, _, _ = signature.args
-            element, size, lanes = _tile_geometry(context, X_type)
+            element, size, lanes = _tile_geometry(context, signature.args[0])
             vt = _vector_type(element, lanes)
-            Xa = context.make_array(X_type)(context, builder, args[0])
-            Wa = context.make_array(W_type)(context, builder, args[1])
-            ba = context.make_array(b_type)(context, builder, args[2])
-            Ua = context.make_array(U_type)(context, builder, args[3])
+            Xa, Wa, ba, Ua = _arrays(context, builder, signature, args, 0, 1, 2, 3)
             j0, ahead = args[4], args[5]
             accumulators = [
                 [
@@ -1225,12 +1212,9 @@ def _make_group_backward(models: int, rows: int) -> Any:
         sig = types.void(Xt, dZ, dW, types.intp)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            X_type, Z_type, W_type, _ = signature.args
-            element, size, lanes = _tile_geometry(context, X_type)
+            element, size, lanes = _tile_geometry(context, signature.args[0])
             vt = _vector_type(element, lanes)
-            Xa = context.make_array(X_type)(context, builder, args[0])
-            Za = context.make_array(Z_type)(context, builder, args[1])
-            Wa = context.make_array(W_type)(context, builder, args[2])
+            Xa, Za, Wa = _arrays(context, builder, signature, args, 0, 1, 2)
             i0 = args[3]
             width = builder.extract_value(Xa.shape, 1)
             x_rows = [
