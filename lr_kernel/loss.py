@@ -619,7 +619,7 @@ class FusedLoss(BlockedPass):
             )  # fmt: skip
             loss_sum += block_loss
             db_sum += block_db
-            root = np.sqrt(curvature[:k])
+            root = np.sqrt(curvature[:k], out=curvature[:k])  # in place: no allocation
             B = scaled[:, :k]  # (n + 1, k)
             scale_tiles(self._tiles, t0, t1, m, root, B)
             B[n] = root

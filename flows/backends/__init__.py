@@ -125,8 +125,9 @@ class TrainingData(Protocol):
 
 def in_memory_bytes(plan: InputPlan, n_rows: int, dtype: str) -> int:
     """What the in-memory path holds at its peak: ``X``, ``Y`` and the weights, one batch
-    being read, and the block that fills ``X``'s tiles (a conservative guess of the
-    terms: categorical columns are counted at 8 terms)."""
+    being read, and the block that fills ``X``'s tiles, counted whether or not the
+    run gets tiles (that depends on the optimizer and the engine, resolved later).
+    A conservative guess of the terms: categorical columns are counted at 8."""
     n = sum(8 if c.kind == "categorical" else 1 for c in plan.choice.columns)
     itemsize = 4 if dtype == "float32" else 8
     block = n * min(n_rows, plan.choice.batch_rows()) * itemsize  # (n, batch rows)
